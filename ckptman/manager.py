@@ -1,0 +1,497 @@
+"""CheckpointManager: orchestration only.
+
+Decisions come from :mod:`ckptman.policy` (pure), bytes go through
+:mod:`ckptman.storage`, and the commit protocol is :mod:`ckptman.commit`.
+The manager keeps the committed manifests in memory, keyed by step; storage
+is the truth, re-read on construction and by :meth:`CheckpointManager.refresh`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import numbers
+import operator
+import os
+import pickle
+import shutil
+import tempfile
+import time
+import warnings
+from typing import Any, Iterator, Mapping, Sequence
+
+import torch
+
+from ckptman import commit, jsonfmt, transfer
+from ckptman.errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    InvalidMetricError,
+    InvalidStepError,
+    ManagerClosedError,
+    ManifestError,
+    ReadOnlyError,
+    StepExistsError,
+    UnsafeCheckpointError,
+)
+from ckptman.manifest import MANIFEST_NAME, FileEntry, Manifest
+from ckptman.naming import LATEST_NAME, MAX_STEP, NameFormat
+from ckptman.policy import build_policy
+from ckptman.policy.best import coerce_metrics, top_k
+from ckptman.record import CheckpointKind, CheckpointRecord
+from ckptman.state import SIDECAR_NAME, SidecarState
+from ckptman.storage import Storage
+
+logger = logging.getLogger("ckptman")
+
+STATE_FILE = "state.pt"
+_FALLBACK = "the state is rebuilt from the manifests (a writable manager rewrites the sidecar); nothing is deleted"
+RESUMED = "resumed from"
+
+
+class CheckpointWarning(UserWarning):
+    """Something on storage needed repair (stale sidecar, leftovers); nothing committed was lost."""
+
+
+def check_step(step: object) -> int:
+    """A step as a plain int in [0, 2**63); bools and floats are rejected, numpy ints accepted."""
+    if type(step) is int:
+        value = step
+    elif isinstance(step, bool) or not isinstance(step, numbers.Integral):
+        raise InvalidStepError(f"step must be a non-negative int, got {step!r} ({type(step).__name__})")
+    else:
+        value = operator.index(step)
+    if not 0 <= value <= MAX_STEP:
+        raise InvalidStepError(f"step must be an int in [0, 2**63), got {value}")
+    return value
+
+
+class CheckpointManager:
+    """Decides when to save, commits checkpoints through fsspec, keeps them by policy.
+
+    See the README for the argument reference; every argument is validated
+    here, so a bad setting fails at construction, not after hours of training.
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        storage_options: Mapping[str, Any] | None = None,
+        save_interval_steps: int | None = None,
+        save_begin: int = 0,
+        keep_last: int | None = None,
+        keep_every: int | None = None,
+        best: str | Sequence[str] | None = None,
+        mode: str | Mapping[str, str] | None = None,
+        keep_best: int = 1,
+        name_format: str = "step_{step:08d}",
+        read_only: bool = False,
+    ) -> None:
+        self._policy = build_policy(
+            save_interval_steps=save_interval_steps,
+            save_begin=save_begin,
+            keep_last=keep_last,
+            keep_every=keep_every,
+            best=best,
+            mode=mode,
+            keep_best=keep_best,
+        )
+        self._names = NameFormat(name_format)
+        self._read_only = bool(read_only)
+        self._closed = False
+        self._pinned: dict[int, str] = {}
+        self._manifests: dict[int, Manifest] = {}
+        self._unreadable: dict[str, str] = {}
+        self._stored: SidecarState | None = None
+        self._storage = Storage(directory, storage_options)
+        if not self._read_only:
+            self._storage.ensure_directory()
+        self.refresh()
+
+    def __repr__(self) -> str:
+        return f"CheckpointManager({self._storage.url!r}, steps={self.all_steps()}, read_only={self._read_only})"
+
+    @property
+    def directory(self) -> str:
+        """The checkpoint directory as a URL (without credentials)."""
+        return self._storage.url
+
+    # -- queries --------------------------------------------------------------
+    def should_save(self, step: int) -> bool:
+        """Whether ``step`` is due by the interval policy (pure and cheap: call it every step)."""
+        return self._policy.save.should_save(step if type(step) is int else check_step(step))
+
+    def all_steps(self) -> list[int]:
+        return sorted(self._manifests)
+
+    def latest_step(self) -> int | None:
+        return max(self._manifests) if self._manifests else None
+
+    def best_step(self, metric: str | None = None) -> int | None:
+        """The best committed step for ``metric`` (the first tracked metric when None)."""
+        best = self._policy.best(self._records(), metric)
+        return best.step if best else None
+
+    def metrics(self, step: int) -> dict[str, float]:
+        return dict(self._manifest(step).metrics)
+
+    def kept_reasons(self) -> dict[int, tuple[str, ...]]:
+        """Why each committed checkpoint is kept, by retention rule (what ``ckptman ls`` shows)."""
+        return self._policy.retain(self._records(), self._pinned)
+
+    def checkpoint_path(self, step: int) -> str:
+        """The URL of a committed checkpoint's folder."""
+        return f"{self._storage.url}/{self._manifest(step).name}"
+
+    def record(self, step: int) -> CheckpointRecord:
+        return self._manifest(step).record()
+
+    # -- saving ---------------------------------------------------------------
+    def save(self, step: int, state: Any, *, metrics: Mapping[str, object] | None = None, force: bool = False) -> bool:
+        """Save ``state`` (anything ``torch.save`` accepts) if forced, due, or a new best.
+
+        Returns True when a checkpoint was written and committed.
+        """
+        step, values = self._check_save(step, metrics)
+        if not (force or self._wants(step, values)):
+            return False
+        name = self._prepare_folder(step)
+        with self._discard_on_error(name):
+            entry = transfer.write_stream(
+                self._storage, f"{name}/{STATE_FILE}", lambda f: torch.save(state, f), STATE_FILE
+            )
+            self._commit(Manifest(step, name, "state", time.time(), (entry,), values))
+        return True
+
+    @contextlib.contextmanager
+    def save_directory(
+        self, step: int, *, metrics: Mapping[str, object] | None = None, force: bool = False
+    ) -> Iterator[str | None]:
+        """A local folder to write any files into (DeepSpeed-style); committed on clean exit.
+
+        Yields None when the step is not due (write nothing then). On an
+        exception inside the block nothing is committed and the error propagates.
+        """
+        step, values = self._check_save(step, metrics)
+        if not (force or self._wants(step, values)):
+            yield None
+            return
+        staging = tempfile.mkdtemp(prefix=f"ckptman-{step}-")
+        try:
+            yield staging
+            self._check_open()
+            self._commit_local_folder(step, staging, values)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def report(self, step: int, metrics: Mapping[str, object]) -> None:
+        """Metrics for an already committed step (evaluation after the save); retention re-runs."""
+        self._check_writable()
+        values = coerce_metrics(metrics)
+        if not values:
+            raise InvalidMetricError("report() needs at least one metric, e.g. {'val/loss': 0.25}")
+        manifest = self._manifest(check_step(step)).with_metrics(values)
+        commit.rewrite(self._storage, manifest)
+        self._manifests[manifest.step] = manifest
+        self._apply_retention()
+
+    def delete(self, step: int) -> None:
+        """Delete one committed checkpoint (manifest first)."""
+        self._check_writable()
+        manifest = self._manifest(check_step(step))
+        commit.uncommit(self._storage, manifest.name)
+        del self._manifests[manifest.step]
+        self._pinned.pop(manifest.step, None)
+        self._write_latest()
+        self._write_sidecar()
+
+    # -- restoring ------------------------------------------------------------
+    def restore(self, step: int | None = None, *, map_location: Any = "cpu", weights_only: bool = True) -> Any:
+        """Load a committed state checkpoint (latest when ``step`` is None), verified against its manifest.
+
+        ``weights_only=True`` (the default) refuses arbitrary pickled objects;
+        pass False only for checkpoints you trust: unpickling can run code.
+        """
+        self._check_open()
+        manifest = self._manifest(step)
+        if manifest.kind != "state":
+            raise CheckpointError(
+                f"checkpoint {manifest.name} is a directory checkpoint; use restore_directory({manifest.step})"
+            )
+        entry = _entry(manifest, STATE_FILE)
+        data = transfer.read_verified(self._storage, f"{manifest.name}/{STATE_FILE}", entry)
+        try:
+            state = torch.load(io.BytesIO(data), map_location=map_location, weights_only=weights_only)
+        except pickle.UnpicklingError as exc:
+            if not weights_only:
+                raise
+            raise UnsafeCheckpointError(
+                f"checkpoint {manifest.name} holds objects that weights_only=True refuses to load ({exc}). "
+                "Save only tensors and plain containers, or pass weights_only=False if you trust this checkpoint: "
+                "unpickling can run arbitrary code"
+            ) from exc
+        self._pinned = {manifest.step: RESUMED}
+        return state
+
+    def restore_directory(self, step: int | None = None, local_dir: str | os.PathLike[str] | None = None) -> str:
+        """A local directory holding a committed checkpoint's files, verified against its manifest.
+
+        On local disk with ``local_dir=None`` this is the checkpoint folder
+        itself (no copy; treat it as read-only). Otherwise the files are
+        downloaded into ``local_dir`` (a new temporary folder when None, which
+        the caller owns).
+        """
+        self._check_open()
+        manifest = self._manifest(step)
+        in_place = self._storage.local_path(manifest.name) if local_dir is None else None
+        target = in_place or os.fspath(local_dir or tempfile.mkdtemp(prefix=f"ckptman-restore-{manifest.step}-"))
+        for entry in manifest.files:
+            destination = None if in_place else os.path.join(target, *entry.path.split("/"))
+            transfer.download_verified(self._storage, f"{manifest.name}/{entry.path}", entry, destination)
+        self._pinned = {manifest.step: RESUMED}
+        return target
+
+    # -- state ----------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The sidecar's content: committed checkpoints, metrics, best steps (JSON-serializable)."""
+        return self._sidecar().to_dict()
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Adopt metrics from a saved ``state_dict()``; storage wins where both know a value.
+
+        Checkpoints the dict lists but storage does not have are ignored with a
+        warning; nothing is ever deleted because of a state dict.
+        """
+        loaded = SidecarState.from_dict(state, "load_state_dict() argument")
+        changed = False
+        for record in loaded.checkpoints:
+            manifest = self._manifests.get(record.step)
+            if manifest is None or manifest.name != record.name:
+                warnings.warn(
+                    f"state dict lists checkpoint {record.name} (step {record.step}), which is not committed in "
+                    f"{self.directory}; ignored",
+                    CheckpointWarning,
+                    stacklevel=2,
+                )
+                continue
+            missing = {k: v for k, v in record.metrics.items() if k not in manifest.metrics}
+            if missing:
+                self._check_writable()
+                updated = manifest.with_metrics(missing)
+                commit.rewrite(self._storage, updated)
+                self._manifests[record.step] = updated
+                changed = True
+        if changed:
+            self._apply_retention()
+
+    def refresh(self) -> None:
+        """Re-read the directory: manifests are the truth; repair leftovers and the sidecar if writable."""
+        self._check_open()
+        found = commit.scan(self._storage, self._names.matches)
+        manifests: dict[int, Manifest] = {}
+        for manifest in sorted(found.committed.values(), key=lambda m: (not self._names.matches(m.name), m.name)):
+            if manifest.step in manifests:
+                found.unreadable[manifest.name] = f"step {manifest.step} is also committed as {manifests[manifest.step].name}"
+                continue
+            manifests[manifest.step] = manifest
+        self._manifests = manifests
+        self._unreadable = found.unreadable
+        for name, reason in found.unreadable.items():
+            warnings.warn(f"ignoring checkpoint folder {name}: {reason}", CheckpointWarning, stacklevel=3)
+        self._stored = self._read_sidecar()
+        if self._read_only:
+            return
+        for name in found.incomplete:
+            logger.warning("removing incomplete checkpoint folder %s/%s (no manifest: an interrupted save)", self.directory, name)
+            commit.discard(self._storage, name)
+        self._storage.remove_temporaries()
+        self._repair_sidecar()
+
+    def stored_state(self) -> dict[str, Any] | None:
+        """The sidecar as found on storage at the last refresh (None if missing or unreadable).
+
+        Unlike :meth:`state_dict`, this reflects the policy of whoever wrote
+        the directory: ``stored_state()["policy"]["config"]`` rebuilds it
+        with :func:`ckptman.policy.policy_from_config`.
+        """
+        return self._stored.to_dict() if self._stored else None
+
+    # -- lifecycle ------------------------------------------------------------
+    def wait_until_finished(self) -> None:
+        """Block until every save in flight is committed (saves are synchronous today)."""
+        self._check_open()
+
+    def close(self) -> None:
+        if not self._closed:
+            self.wait_until_finished()
+            self._closed = True
+
+    def __enter__(self) -> CheckpointManager:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- internals ------------------------------------------------------------
+    def _records(self) -> list[CheckpointRecord]:
+        return [m.record() for m in self._manifests.values()]
+
+    def _manifest(self, step: int | None) -> Manifest:
+        if step is None:
+            if not self._manifests:
+                raise CheckpointNotFoundError(f"no committed checkpoint in {self.directory}")
+            return self._manifests[max(self._manifests)]
+        step = check_step(step)
+        if step not in self._manifests:
+            raise CheckpointNotFoundError(
+                f"no committed checkpoint for step {step} in {self.directory}; committed steps: {self.all_steps()}"
+            )
+        return self._manifests[step]
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ManagerClosedError(f"the manager for {self.directory} is closed; create a new CheckpointManager")
+
+    def _check_writable(self) -> None:
+        self._check_open()
+        if self._read_only:
+            raise ReadOnlyError(f"the manager for {self.directory} was opened with read_only=True; it cannot write")
+
+    def _check_save(self, step: object, metrics: Mapping[str, object] | None) -> tuple[int, dict[str, float]]:
+        self._check_writable()
+        step = check_step(step)
+        values = coerce_metrics(metrics)
+        if step in self._manifests:
+            raise StepExistsError(
+                f"step {step} is already committed as {self._manifests[step].name} in {self.directory}; "
+                "delete it first or save a later step"
+            )
+        latest = self.latest_step()
+        if latest is not None and step < latest:
+            raise InvalidStepError(
+                f"step {step} is older than the latest committed step {latest} in {self.directory}; "
+                "steps must increase (delete newer checkpoints first to roll back)"
+            )
+        return step, values
+
+    def _wants(self, step: int, metrics: Mapping[str, float]) -> bool:
+        return self._policy.wants(self._records(), CheckpointRecord(step, self._names(step), metrics))
+
+    def _prepare_folder(self, step: int) -> str:
+        name = self._names(step)
+        if name in self._unreadable:
+            raise CheckpointError(
+                f"{self.directory}/{name} exists with an unreadable manifest ({self._unreadable[name]}); "
+                "inspect it and delete it by hand before saving this step"
+            )
+        commit.discard(self._storage, name)
+        return name
+
+    @contextlib.contextmanager
+    def _discard_on_error(self, name: str) -> Iterator[None]:
+        """A save that fails leaves nothing visible: its uncommitted folder is removed."""
+        try:
+            yield
+        except BaseException:
+            if not self._storage.exists(commit.manifest_path(name)):
+                with contextlib.suppress(Exception):
+                    commit.discard(self._storage, name)
+            raise
+
+    def _commit_local_folder(self, step: int, staging: str, metrics: dict[str, float]) -> None:
+        files = transfer.local_files(staging)
+        if not files:
+            raise CheckpointError(f"save_directory({step}) wrote no files into {staging}; nothing was committed")
+        if MANIFEST_NAME in files:
+            raise CheckpointError(f"save_directory({step}) wrote {MANIFEST_NAME}, a name ckptman reserves; rename it")
+        name = self._prepare_folder(step)
+        with self._discard_on_error(name):
+            entries = tuple(
+                transfer.upload_file(self._storage, os.path.join(staging, path), f"{name}/{path}", path)
+                for path in files
+            )
+            self._commit(Manifest(step, name, "directory", time.time(), entries, metrics))
+
+    def _commit(self, manifest: Manifest) -> None:
+        commit.commit(self._storage, manifest)
+        self._manifests[manifest.step] = manifest
+        self._pinned = {}  # a newer checkpoint is now the resume point
+        logger.info("committed %s/%s (%d files, %d bytes)", self.directory, manifest.name, len(manifest.files), manifest.size)
+        self._write_latest()
+        self._apply_retention()
+
+    def _apply_retention(self) -> None:
+        kept = self.kept_reasons()
+        for step in sorted(set(self._manifests) - set(kept)):
+            name = self._manifests[step].name
+            logger.info("retention: deleting %s/%s", self.directory, name)
+            commit.uncommit(self._storage, name)
+            del self._manifests[step]
+        self._write_sidecar()
+
+    def _sidecar(self) -> SidecarState:
+        records = self._records()
+        best = {
+            m.name: {"mode": m.mode, "steps": [r.step for r in top_k(records, m, self._policy.keep_best)]}
+            for m in self._policy.metrics
+        }
+        latest = self._manifests[max(self._manifests)].name if self._manifests else None
+        return SidecarState(tuple(records), best, latest, self._policy.describe())
+
+    def _write_sidecar(self) -> None:
+        state = self._sidecar()
+        self._storage.write_atomic(SIDECAR_NAME, state.to_bytes())
+        self._stored = state
+
+    def _write_latest(self) -> None:
+        latest = self.latest_step()
+        if latest is None:
+            self._storage.remove(LATEST_NAME)
+        else:
+            self._storage.write_atomic(LATEST_NAME, self._manifests[latest].name.encode())
+
+    def _read_sidecar(self) -> SidecarState | None:
+        source = f"{self.directory}/{SIDECAR_NAME}"
+        try:
+            return SidecarState.from_bytes(self._storage.read_bytes(SIDECAR_NAME), source)
+        except FileNotFoundError:
+            if self._manifests:
+                warnings.warn(f"{source} is missing; {_FALLBACK}", CheckpointWarning, stacklevel=4)
+        except ManifestError as exc:
+            warnings.warn(f"{exc}; {_FALLBACK}", CheckpointWarning, stacklevel=4)
+        return None
+
+    def _repair_sidecar(self) -> None:
+        """Rewrite the sidecar and ``latest`` when they disagree with the manifests."""
+        stored, current = self._stored, self._sidecar()
+        if stored is None and not self._manifests:
+            return
+        if stored is not None and _same_checkpoints(stored, current):
+            if stored.latest == current.latest and self._latest_file() == current.latest:
+                return
+        elif stored is not None:
+            logger.warning("%s/%s was out of date with the manifests (interrupted save?); rebuilt", self.directory, SIDECAR_NAME)
+        self._write_latest()
+        self._write_sidecar()
+
+    def _latest_file(self) -> str | None:
+        try:
+            return self._storage.read_bytes(LATEST_NAME).decode().strip()
+        except (FileNotFoundError, UnicodeDecodeError):
+            return None
+
+
+def _entry(manifest: Manifest, path: str) -> FileEntry:
+    for entry in manifest.files:
+        if entry.path == path:
+            return entry
+    raise ManifestError(f"checkpoint {manifest.name} has no {path} in its manifest; it is incomplete or corrupted")
+
+
+def _same_checkpoints(a: SidecarState, b: SidecarState) -> bool:
+    def key(state: SidecarState) -> list[tuple[int, str, CheckpointKind, dict[str, float | str]]]:
+        # Compared in their JSON form so NaN equals NaN.
+        return sorted((r.step, r.name, r.kind, jsonfmt.encode_metrics(r.metrics)) for r in state.checkpoints)
+
+    return key(a) == key(b)

@@ -1,0 +1,39 @@
+"""What the decision logic knows about one committed checkpoint."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Literal, Mapping
+
+CheckpointKind = Literal["state", "directory"]
+
+
+@dataclass(frozen=True)
+class CheckpointRecord:
+    """One committed checkpoint: its step, folder name and metrics.
+
+    Records are immutable; a later ``report()`` produces a new record through
+    :meth:`with_metrics`.
+    """
+
+    step: int
+    name: str
+    metrics: Mapping[str, float] = field(default_factory=dict)
+    created: float = 0.0
+    size: int = 0
+    kind: CheckpointKind = "state"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "metrics", MappingProxyType(dict(self.metrics)))
+
+    def with_metrics(self, metrics: Mapping[str, float]) -> CheckpointRecord:
+        """A copy whose metrics are these merged over the existing ones."""
+        return CheckpointRecord(
+            step=self.step,
+            name=self.name,
+            metrics={**self.metrics, **metrics},
+            created=self.created,
+            size=self.size,
+            kind=self.kind,
+        )

@@ -1,0 +1,129 @@
+"""Moving bytes between the caller and storage, checksummed while they stream.
+
+Checksums are xxh3-128 (the ``xxhash`` package): at several GB/s it hashes
+far faster than any disk or network writes, so integrity is computed in the
+same pass as the write and never needs a second read.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+from typing import IO, Callable
+
+import xxhash
+
+from ckptman.errors import CorruptCheckpointError
+from ckptman.manifest import FileEntry
+from ckptman.storage import Storage
+
+ALGORITHM = "xxh3_128"
+CHUNK = 8 * 1024 * 1024
+
+
+class ChecksumWriter(io.RawIOBase):
+    """A write-only stream that hashes and counts everything passed to the file beneath."""
+
+    def __init__(self, target: IO[bytes]) -> None:
+        super().__init__()
+        self._target = target
+        self._hash = xxhash.xxh3_128()
+        self.size = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:  # type: ignore[override]
+        view = memoryview(data).cast("B")
+        self._hash.update(view)
+        self._target.write(view)
+        self.size += view.nbytes
+        return view.nbytes
+
+    def flush(self) -> None:
+        self._target.flush()
+
+    @property
+    def checksum(self) -> str:
+        return f"{ALGORITHM}:{self._hash.hexdigest()}"
+
+
+def checksum_of(data: bytes | memoryview) -> str:
+    return f"{ALGORITHM}:{xxhash.xxh3_128_hexdigest(data)}"
+
+
+def write_stream(storage: Storage, rel: str, produce: Callable[[IO[bytes]], None], entry_path: str) -> FileEntry:
+    """Let ``produce`` write a payload file (e.g. ``torch.save``), hashing as it goes."""
+    with storage.open_write(rel) as target:
+        writer = ChecksumWriter(target)
+        produce(writer)  # type: ignore[arg-type]
+        writer.flush()
+    return FileEntry(entry_path, writer.size, writer.checksum)
+
+
+def upload_file(storage: Storage, local_path: str, rel: str, entry_path: str) -> FileEntry:
+    """Copy one local file into storage, hashing it in the same pass."""
+
+    def copy(writer: IO[bytes]) -> None:
+        with open(local_path, "rb") as source:
+            shutil.copyfileobj(source, writer, CHUNK)
+
+    return write_stream(storage, rel, copy, entry_path)
+
+
+def local_files(local_dir: str) -> list[str]:
+    """Every regular file below ``local_dir``, as sorted POSIX paths relative to it."""
+    found = []
+    for folder, dirs, files in os.walk(local_dir):
+        dirs.sort()
+        for name in files:
+            found.append(os.path.relpath(os.path.join(folder, name), local_dir).replace(os.sep, "/"))
+    return sorted(found)
+
+
+def _mismatch(storage: Storage, rel: str, what: str, expected: object, actual: object) -> CorruptCheckpointError:
+    return CorruptCheckpointError(
+        f"{storage.url}/{rel}: {what} mismatch (expected {expected}, found {actual}); the checkpoint is corrupted"
+    )
+
+
+def read_verified(storage: Storage, rel: str, entry: FileEntry) -> bytes:
+    """Read a whole payload file and check it against its manifest entry."""
+    try:
+        data = storage.read_bytes(rel)
+    except FileNotFoundError as exc:
+        raise CorruptCheckpointError(f"{storage.url}/{rel} is listed in the manifest but missing; the checkpoint is corrupted") from exc
+    if len(data) != entry.size:
+        raise _mismatch(storage, rel, "size", entry.size, len(data))
+    actual = checksum_of(data)
+    if actual != entry.checksum:
+        raise _mismatch(storage, rel, "checksum", entry.checksum, actual)
+    return data
+
+
+def download_verified(storage: Storage, rel: str, entry: FileEntry, local_path: str | None) -> None:
+    """Stream a payload file to ``local_path`` (or just through the hash when None) and verify it."""
+    digest = xxhash.xxh3_128()
+    size = 0
+    sink = None
+    if local_path is not None:
+        os.makedirs(os.path.dirname(local_path) or ".", exist_ok=True)
+        sink = open(local_path, "wb")
+    try:
+        with storage.open_read(rel) as source:
+            while chunk := source.read(CHUNK):
+                digest.update(chunk)
+                size += len(chunk)
+                if sink is not None:
+                    sink.write(chunk)
+    except FileNotFoundError as exc:
+        raise CorruptCheckpointError(f"{storage.url}/{rel} is listed in the manifest but missing; the checkpoint is corrupted") from exc
+    finally:
+        if sink is not None:
+            sink.close()
+    if size != entry.size:
+        raise _mismatch(storage, rel, "size", entry.size, size)
+    actual = f"{ALGORITHM}:{digest.hexdigest()}"
+    if actual != entry.checksum:
+        raise _mismatch(storage, rel, "checksum", entry.checksum, actual)
