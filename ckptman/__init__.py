@@ -5,8 +5,10 @@ from ckptman.errors import (
     CheckpointError,
     CheckpointNotFoundError,
     CorruptCheckpointError,
+    DirectoryLockedError,
     InvalidMetricError,
     InvalidStepError,
+    LeaseLostError,
     ManagerClosedError,
     ManifestError,
     NotADirectoryStorageError,
@@ -17,7 +19,9 @@ from ckptman.errors import (
     UnsafeCheckpointError,
     UnsupportedProtocolError,
 )
+from ckptman.lease import LeaseWarning
 from ckptman.manager import CheckpointManager, CheckpointWarning
+from ckptman.retry import RetryPolicy
 
 __version__ = "0.1.0"
 
@@ -28,8 +32,12 @@ __all__ = [
     "CheckpointNotFoundError",
     "CheckpointWarning",
     "CorruptCheckpointError",
+    "DirectoryLockedError",
     "InvalidMetricError",
     "InvalidStepError",
+    "LeaseLostError",
+    "LeaseWarning",
+    "RetryPolicy",
     "ManagerClosedError",
     "ManifestError",
     "NotADirectoryStorageError",

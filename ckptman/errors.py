@@ -66,3 +66,11 @@ class CorruptCheckpointError(CheckpointError):
 
 class UnsafeCheckpointError(CheckpointError):
     """``restore(weights_only=True)`` met pickled objects beyond tensors and plain containers."""
+
+
+class DirectoryLockedError(CheckpointError):
+    """Another writable manager holds the directory's lease (its host, pid and start time are in the message)."""
+
+
+class LeaseLostError(DirectoryLockedError):
+    """This manager's lease was taken over by another writer; it writes nothing more."""

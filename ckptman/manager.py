@@ -19,6 +19,7 @@ import shutil
 import tempfile
 import time
 import warnings
+import weakref
 from typing import Any, Iterator, Mapping, Sequence
 
 import torch
@@ -35,11 +36,13 @@ from ckptman.errors import (
     StepExistsError,
     UnsafeCheckpointError,
 )
+from ckptman.lease import Lease
 from ckptman.manifest import MANIFEST_NAME, FileEntry, Manifest
 from ckptman.naming import LATEST_NAME, MAX_STEP, NameFormat
 from ckptman.policy import build_policy
 from ckptman.policy.best import coerce_metrics, top_k
 from ckptman.record import CheckpointKind, CheckpointRecord
+from ckptman.retry import RetryPolicy
 from ckptman.state import SIDECAR_NAME, SidecarState
 from ckptman.storage import Storage
 
@@ -87,6 +90,8 @@ class CheckpointManager:
         keep_best: int = 1,
         name_format: str = "step_{step:08d}",
         read_only: bool = False,
+        lease_timeout: float = 60.0,
+        retry: RetryPolicy | None = None,
     ) -> None:
         self._policy = build_policy(
             save_interval_steps=save_interval_steps,
@@ -104,10 +109,20 @@ class CheckpointManager:
         self._manifests: dict[int, Manifest] = {}
         self._unreadable: dict[str, str] = {}
         self._stored: SidecarState | None = None
-        self._storage = Storage(directory, storage_options)
+        self._storage = Storage(directory, storage_options, retry)
+        self._lease: Lease | None = None
         if not self._read_only:
             self._storage.ensure_directory()
-        self.refresh()
+            lease = Lease(self._storage, lease_timeout)
+            lease.acquire()
+            self._lease = lease
+            # Released on close(), on garbage collection and at interpreter exit.
+            self._release = weakref.finalize(self, lease.release_from_finalizer)
+        try:
+            self.refresh()
+        except BaseException:
+            self.close()
+            raise
 
     def __repr__(self) -> str:
         return f"CheckpointManager({self._storage.url!r}, steps={self.all_steps()}, read_only={self._read_only})"
@@ -323,9 +338,16 @@ class CheckpointManager:
         self._check_open()
 
     def close(self) -> None:
-        if not self._closed:
+        """Wait for saves in flight, then release the directory's lease."""
+        if self._closed:
+            return
+        try:
             self.wait_until_finished()
+        finally:
             self._closed = True
+            if self._lease is not None:
+                self._release.detach()
+                self._lease.release()
 
     def __enter__(self) -> CheckpointManager:
         return self
@@ -414,6 +436,8 @@ class CheckpointManager:
             self._commit(Manifest(step, name, "directory", time.time(), entries, metrics))
 
     def _commit(self, manifest: Manifest) -> None:
+        if self._lease is not None:
+            self._lease.check()
         commit.commit(self._storage, manifest)
         self._manifests[manifest.step] = manifest
         self._pinned = {}  # a newer checkpoint is now the resume point

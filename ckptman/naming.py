@@ -7,11 +7,12 @@ import string
 from dataclasses import dataclass, field
 
 from ckptman.errors import PolicyConfigError
+from ckptman.lease import LEASE_NAME
 from ckptman.manifest import MANIFEST_NAME
 from ckptman.state import SIDECAR_NAME
 
 LATEST_NAME = "latest"
-RESERVED = frozenset({LATEST_NAME, SIDECAR_NAME, MANIFEST_NAME})
+RESERVED = frozenset({LATEST_NAME, SIDECAR_NAME, MANIFEST_NAME, LEASE_NAME})
 MAX_STEP = 2**63 - 1  # steps must fit int64 for every JSON reader and for torch.distributed
 
 

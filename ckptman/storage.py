@@ -16,10 +16,12 @@ Two kinds of filesystem need different mechanics for the same guarantees:
 from __future__ import annotations
 
 import contextlib
+import copy
+import io
 import os
 import posixpath
 import uuid
-from typing import IO, Any, Iterator, Mapping
+from typing import IO, Any, Callable, Mapping, TypeVar
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -30,6 +32,9 @@ from ckptman.errors import (
     StorageError,
     UnsupportedProtocolError,
 )
+from ckptman.retry import RetryPolicy
+
+T = TypeVar("T")
 
 _TMP_PREFIX = ".ckptman-tmp-"
 _EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}
@@ -56,7 +61,10 @@ def _open_filesystem(url: str, storage_options: Mapping[str, Any]) -> tuple[fssp
 class Storage:
     """A checkpoint directory on any fsspec filesystem."""
 
-    def __init__(self, url: str, storage_options: Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self, url: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None, retry: RetryPolicy | None = None
+    ) -> None:
+        self.retry = retry or RetryPolicy()
         if not isinstance(url, (str, os.PathLike)):
             raise TypeError(f"directory must be a path or URL string, got {type(url).__name__}")
         self.fs, root = _open_filesystem(os.fspath(url), dict(storage_options or {}))
@@ -71,6 +79,12 @@ class Storage:
 
     def __repr__(self) -> str:
         return f"Storage({self.url!r})"
+
+    def with_retry(self, retry: RetryPolicy) -> Storage:
+        """The same directory with another retry policy (e.g. one attempt for best-effort cleanup)."""
+        clone = copy.copy(self)
+        clone.retry = retry
+        return clone
 
     # -- paths ---------------------------------------------------------------
     def path(self, rel: str = "") -> str:
@@ -121,59 +135,70 @@ class Storage:
             result[rel] = data
         return result
 
-    @contextlib.contextmanager
-    def open_read(self, rel: str) -> Iterator[IO[bytes]]:
-        with self._guard("open", rel, lambda: self.fs.open(self.path(rel), "rb")) as f:
-            yield f
+    def read_file(self, rel: str, consume: Callable[[IO[bytes]], T]) -> T:
+        """Open a file and let ``consume`` read it; the whole read is retried on a transient error."""
+
+        def attempt() -> T:
+            with self.fs.open(self.path(rel), "rb") as f:
+                return consume(f)
+
+        return self._guard("read", rel, attempt)
 
     def list_folders(self) -> list[str]:
         """Names of the sub-folders of the directory, read fresh (no cached listing)."""
-        self.fs.invalidate_cache(self.root)
-        try:
-            entries = self.fs.ls(self.root, detail=True)
-        except FileNotFoundError:
-            return []
-        except Exception as exc:  # noqa: BLE001 - turned into a typed error naming the place
-            raise StorageError(f"listing {self.url} failed: {exc}") from exc
+
+        def listing() -> list[dict[str, Any]]:
+            self.fs.invalidate_cache(self.root)
+            try:
+                return self.fs.ls(self.root, detail=True)
+            except FileNotFoundError:
+                return []
+
+        entries = self._guard("list", "", listing)
         return sorted(
             posixpath.basename(entry["name"].rstrip("/"))
             for entry in entries
             if entry.get("type") == "directory" and entry["name"].rstrip("/") != self.root
         )
 
-    def list_files(self, rel: str) -> list[str]:
-        """Every file below a folder, as paths relative to that folder."""
-        base = self.path(rel)
-        self.fs.invalidate_cache(base)
-        try:
-            found = self.fs.find(base)
-        except FileNotFoundError:
-            return []
-        prefix = self.fs._strip_protocol(base).rstrip("/") + "/"
-        return sorted(p[len(prefix) :] for p in (self.fs._strip_protocol(f) for f in found) if p.startswith(prefix))
-
     def local_path(self, rel: str) -> str | None:
         """The real path on local disk, or None when the directory is not local."""
         return self.path(rel) if self.is_local else None
 
     # -- writes --------------------------------------------------------------
-    @contextlib.contextmanager
-    def open_write(self, rel: str) -> Iterator[IO[bytes]]:
-        """A payload file; it is durable (local: fsynced) once the block exits cleanly.
+    def write_file(self, rel: str, produce: Callable[[IO[bytes]], T]) -> T:
+        """Let ``produce`` write a payload file; durable (local: fsynced) when this returns.
 
+        On a transient storage error the whole file is written again, so
+        ``produce`` must be repeatable (``torch.save`` of in-memory state is).
         Payload files live in a folder that is not committed yet, so they need
         no temporary name: without the manifest the folder does not count.
+        On object stores a failed upload is aborted, never published part-way.
         """
         path = self.path(rel)
-        if self.is_local:
+
+        def local() -> T:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             with open(path, "wb") as f:
-                yield f
+                result = _run_producer(produce, f)
                 f.flush()
                 os.fsync(f.fileno())
-            return
-        with self._guard("open for writing", rel, lambda: self.fs.open(path, "wb")) as f:
-            yield f
+            return result
+
+        def remote() -> T:
+            f = self.fs.open(path, "wb")
+            try:
+                result = _run_producer(produce, f)
+            except BaseException:
+                _abandon(f)
+                raise
+            f.close()
+            return result
+
+        try:
+            return self._guard("write", rel, local if self.is_local else remote)
+        except _ProducerError as failed:
+            raise failed.error from None
 
     def write_atomic(self, rel: str, data: bytes) -> None:
         """Replace a small metadata file so readers see the old or the new bytes, never a mix."""
@@ -181,20 +206,41 @@ class Storage:
         if not self.is_local:
             self._guard("write", rel, lambda: self.fs.pipe_file(path, data))
             return
-        folder = os.path.dirname(path)
-        os.makedirs(folder, exist_ok=True)
-        tmp = os.path.join(folder, f"{_TMP_PREFIX}{uuid.uuid4().hex}-{os.path.basename(path)}")
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
+        self._guard("write", rel, lambda: _replace_local(path, data))
+
+    def create_exclusive(self, rel: str, data: bytes) -> bool:
+        """Create a small file only if nothing is there; False if it exists. The primitive behind the lease.
+
+        Local disk: write a temporary file, then ``link`` it to the name (atomic,
+        fails if the name exists, never leaves a partial file). Object stores:
+        a conditional create (S3 ``If-None-Match: *``, GCS ``ifGenerationMatch=0``)
+        through fsspec's ``mode="create"``.
+        """
+        path = self.path(rel)
+
+        def local() -> bool:
+            folder = os.path.dirname(path)
+            os.makedirs(folder, exist_ok=True)
+            tmp = _write_temporary(folder, os.path.basename(path), data)
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                return False
+            finally:
                 os.unlink(tmp)
-            raise
-        _fsync_dir(folder)
+            _fsync_dir(folder)
+            return True
+
+        def remote() -> bool:
+            try:
+                self.fs.pipe_file(path, data, mode="create")
+            except FileExistsError:
+                return False
+            finally:
+                self.fs.invalidate_cache(path)
+            return True
+
+        return bool(self._guard("create", rel, local if self.is_local else remote))
 
     def sync_folder(self, rel: str) -> None:
         """Make the folder's entries durable before it is committed (local disk only)."""
@@ -212,14 +258,16 @@ class Storage:
     def remove(self, rel: str, *, recursive: bool = False) -> None:
         """Delete a file or a folder tree; already gone is fine."""
         path = self.path(rel)
-        try:
-            self.fs.rm(path, recursive=recursive)
-        except FileNotFoundError:
-            pass
-        except Exception as exc:  # noqa: BLE001
-            raise StorageError(f"deleting {self.url}/{rel} failed: {exc}") from exc
-        finally:
-            self.fs.invalidate_cache(path)
+
+        def delete() -> None:
+            try:
+                self.fs.rm(path, recursive=recursive)
+            except FileNotFoundError:
+                pass
+            finally:
+                self.fs.invalidate_cache(path)
+
+        self._guard("delete", rel, delete)
 
     def remove_temporaries(self) -> list[str]:
         """Delete leftover temporary metadata files of an interrupted local write."""
@@ -232,15 +280,100 @@ class Storage:
         return leftovers
 
     # -- errors --------------------------------------------------------------
-    def _guard(self, action: str, rel: str, call: Any) -> Any:
-        """Run one fsspec call; anything but a missing file becomes a StorageError naming the place."""
+    def _guard(self, action: str, rel: str, call: Callable[[], T]) -> T:
+        """Run one storage operation with retries; a final failure becomes a StorageError naming the place.
+
+        A missing file stays a FileNotFoundError: callers decide what absence means.
+        """
+        where = f"{self.url}/{rel}" if rel else self.url
         try:
-            return call()
-        except (FileNotFoundError, IsADirectoryError, NotADirectoryError, StorageError):
+            return self.retry.call(call, f"{action} {where}")
+        except (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, StorageError, _ProducerError):
             raise
-        except Exception as exc:  # noqa: BLE001
-            where = f"{self.url}/{rel}" if rel else self.url
+        except Exception as exc:  # noqa: BLE001 - any backend's error, turned into one typed error
             raise StorageError(f"could not {action} {where}: {type(exc).__name__}: {exc}") from exc
+
+
+class _ProducerError(Exception):
+    """The caller's producer failed on its own (e.g. an unpicklable object): not a storage error, never retried."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+class _TrackedWrites(io.RawIOBase):
+    """Passes writes through and remembers whether the storage side failed."""
+
+    def __init__(self, target: IO[bytes]) -> None:
+        super().__init__()
+        self.target = target
+        self.failure: BaseException | None = None
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:  # type: ignore[override]
+        try:
+            self.target.write(data)
+        except BaseException as exc:
+            self.failure = exc
+            raise
+        return memoryview(data).nbytes
+
+    def flush(self) -> None:
+        try:
+            self.target.flush()
+        except BaseException as exc:
+            self.failure = exc
+            raise
+
+
+def _run_producer(produce: Callable[[IO[bytes]], T], target: IO[bytes]) -> T:
+    """Run the producer; tell its own failures apart from the storage's, which alone are retried."""
+    tracked = _TrackedWrites(target)
+    try:
+        return produce(tracked)  # type: ignore[arg-type]
+    except Exception as exc:
+        if tracked.failure is not None:
+            raise tracked.failure  # noqa: B904 - the storage's own error is what the retry judges
+        raise _ProducerError(exc) from exc
+
+
+def _abandon(f: Any) -> None:
+    """Drop a half-written upload: abort it (multipart / resumable) and never publish it on close."""
+    with contextlib.suppress(Exception):
+        f.discard()
+    with contextlib.suppress(AttributeError):  # io-based files (memory://) publish only on close
+        f.closed = True
+
+
+def _write_temporary(folder: str, name: str, data: bytes) -> str:
+    tmp = os.path.join(folder, f"{_TMP_PREFIX}{uuid.uuid4().hex}-{name}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return tmp
+
+
+def _replace_local(path: str, data: bytes) -> None:
+    """Temporary file, fsync, rename over the target, fsync the folder."""
+    folder = os.path.dirname(path)
+    os.makedirs(folder, exist_ok=True)
+    tmp = _write_temporary(folder, os.path.basename(path), data)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(folder)
 
 
 def _fsync_dir(folder: str) -> None:

@@ -7,6 +7,7 @@ same pass as the write and never needs a second read.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import shutil
@@ -54,11 +55,18 @@ def checksum_of(data: bytes | memoryview) -> str:
 
 
 def write_stream(storage: Storage, rel: str, produce: Callable[[IO[bytes]], None], entry_path: str) -> FileEntry:
-    """Let ``produce`` write a payload file (e.g. ``torch.save``), hashing as it goes."""
-    with storage.open_write(rel) as target:
+    """Let ``produce`` write a payload file (e.g. ``torch.save``), hashing as it goes.
+
+    A retried write starts over with a fresh hash.
+    """
+
+    def attempt(target: IO[bytes]) -> ChecksumWriter:
         writer = ChecksumWriter(target)
         produce(writer)  # type: ignore[arg-type]
         writer.flush()
+        return writer
+
+    writer = storage.write_file(rel, attempt)
     return FileEntry(entry_path, writer.size, writer.checksum)
 
 
@@ -88,12 +96,16 @@ def _mismatch(storage: Storage, rel: str, what: str, expected: object, actual: o
     )
 
 
+def _missing(storage: Storage, rel: str) -> CorruptCheckpointError:
+    return CorruptCheckpointError(f"{storage.url}/{rel} is listed in the manifest but missing; the checkpoint is incomplete or corrupted")
+
+
 def read_verified(storage: Storage, rel: str, entry: FileEntry) -> bytes:
     """Read a whole payload file and check it against its manifest entry."""
     try:
         data = storage.read_bytes(rel)
     except FileNotFoundError as exc:
-        raise CorruptCheckpointError(f"{storage.url}/{rel} is listed in the manifest but missing; the checkpoint is corrupted") from exc
+        raise _missing(storage, rel) from exc
     if len(data) != entry.size:
         raise _mismatch(storage, rel, "size", entry.size, len(data))
     actual = checksum_of(data)
@@ -104,26 +116,25 @@ def read_verified(storage: Storage, rel: str, entry: FileEntry) -> bytes:
 
 def download_verified(storage: Storage, rel: str, entry: FileEntry, local_path: str | None) -> None:
     """Stream a payload file to ``local_path`` (or just through the hash when None) and verify it."""
-    digest = xxhash.xxh3_128()
-    size = 0
-    sink = None
     if local_path is not None:
         os.makedirs(os.path.dirname(local_path) or ".", exist_ok=True)
-        sink = open(local_path, "wb")
-    try:
-        with storage.open_read(rel) as source:
+
+    def consume(source: IO[bytes]) -> tuple[int, str]:
+        digest = xxhash.xxh3_128()
+        size = 0
+        with open(local_path, "wb") if local_path is not None else contextlib.nullcontext() as sink:
             while chunk := source.read(CHUNK):
                 digest.update(chunk)
                 size += len(chunk)
                 if sink is not None:
                     sink.write(chunk)
+        return size, f"{ALGORITHM}:{digest.hexdigest()}"
+
+    try:
+        size, actual = storage.read_file(rel, consume)
     except FileNotFoundError as exc:
-        raise CorruptCheckpointError(f"{storage.url}/{rel} is listed in the manifest but missing; the checkpoint is corrupted") from exc
-    finally:
-        if sink is not None:
-            sink.close()
+        raise _missing(storage, rel) from exc
     if size != entry.size:
         raise _mismatch(storage, rel, "size", entry.size, size)
-    actual = f"{ALGORITHM}:{digest.hexdigest()}"
     if actual != entry.checksum:
         raise _mismatch(storage, rel, "checksum", entry.checksum, actual)

@@ -26,8 +26,21 @@ from ckptman.manifest import MANIFEST_NAME
 from ckptman.transfer import checksum_of
 
 
+_opened: list[CheckpointManager] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_managers() -> Any:
+    """Release every manager's lease while the test's storage server is still up."""
+    yield
+    while _opened:
+        _opened.pop().close()
+
+
 def manager(backend: Any, **kwargs: Any) -> CheckpointManager:
-    return CheckpointManager(backend.url, storage_options=backend.storage_options, **kwargs)
+    mgr = CheckpointManager(backend.url, storage_options=backend.storage_options, **kwargs)
+    _opened.append(mgr)
+    return mgr
 
 
 def state(step: int) -> dict[str, Any]:
@@ -89,7 +102,9 @@ class TestSaveRestore:
     def test_commit_writes_manifest_latest_and_sidecar(self, backend: Any) -> None:
         mgr = manager(backend, best="val/loss")
         mgr.save(3, state(3), metrics={"val/loss": 0.5})
-        assert listing(backend) == {"step_00000003", "latest", "ckptman.json"}
+        assert listing(backend) == {"step_00000003", "latest", "ckptman.json", "ckptman.lock"}
+        mgr.close()
+        assert listing(backend) == {"step_00000003", "latest", "ckptman.json"}, "close() releases the lease"
         assert read(backend, "latest").decode() == "step_00000003"
         manifest = json.loads(read(backend, f"step_00000003/{MANIFEST_NAME}"))
         payload = read(backend, "step_00000003/state.pt")
@@ -111,8 +126,8 @@ class TestSaveRestore:
 
 class TestCommitProtocol:
     def test_folder_without_manifest_does_not_exist_and_is_cleaned_up(self, backend: Any) -> None:
-        mgr = manager(backend, keep_last=1)
-        mgr.save(10, state(10))
+        with manager(backend, keep_last=1) as mgr:
+            mgr.save(10, state(10))
         write(backend, "step_00000020/state.pt", b"half written")
         write(backend, "tensorboard/events.out", b"user data")
 
@@ -122,7 +137,7 @@ class TestCommitProtocol:
 
         writer = manager(backend, keep_last=1)
         assert writer.all_steps() == [10]
-        assert listing(backend) == {"step_00000010", "tensorboard", "latest", "ckptman.json"}
+        assert listing(backend) == {"step_00000010", "tensorboard", "latest", "ckptman.json", "ckptman.lock"}
         assert_same_state(writer.restore(), state(10))
 
     def test_a_save_that_fails_leaves_nothing_and_deletes_nothing(self, backend: Any) -> None:
@@ -135,7 +150,7 @@ class TestCommitProtocol:
         with pytest.raises(RuntimeError, match="cannot serialise"):
             mgr.save(2, {"weight": torch.ones(3), "bad": Unpicklable()})
         assert mgr.all_steps() == [1]
-        assert listing(backend) == {"step_00000001", "latest", "ckptman.json"}
+        assert listing(backend) == {"step_00000001", "latest", "ckptman.json", "ckptman.lock"}
         assert manager(backend, read_only=True).all_steps() == [1]
 
     def test_interrupted_delete_leaves_no_complete_looking_folder(self, backend: Any, monkeypatch: Any) -> None:
@@ -153,6 +168,7 @@ class TestCommitProtocol:
         with pytest.raises(CheckpointError, match="simulated crash"):
             mgr.save(2, state(2))
         monkeypatch.undo()
+        mgr.close()
         # Step 1's manifest went first; its payload is still there but it no longer counts.
         assert "step_00000001" in listing(backend)
         fresh = manager(backend, keep_last=1)
@@ -296,6 +312,7 @@ class TestRestart:
         mgr.save(2, state(2), metrics={"loss": 0.5})
         mgr.save(3, state(3), metrics={"loss": 0.3})
         expected = mgr.state_dict()
+        mgr.close()
         fs, root = backend.fs()
         if damage == "missing":
             fs.rm(f"{root}/ckptman.json")
