@@ -1,4 +1,4 @@
-"""The ``ckptman`` command: ``demo`` to see the manager work, ``ls`` to inspect a directory.
+"""The ``ckptman`` command: ``demo`` to see the manager work, ``ls`` and ``verify`` to inspect a directory.
 
 Every ckptman error ends as one ``ckptman: error: <message>`` line on stderr
 with exit code 2, never a traceback: the messages already say what to do.
@@ -26,6 +26,8 @@ from ckptman.policy import policy_from_config
 from ckptman.state import SIDECAR_NAME
 
 PROG = "ckptman"
+EXIT_OK = 0
+EXIT_VERIFY_FAILED = 1
 EXIT_ERROR = 2
 
 
@@ -152,6 +154,22 @@ def cmd_ls(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
+def cmd_verify(args: argparse.Namespace, out: TextIO) -> int:
+    mgr = CheckpointManager(args.directory, storage_options=build_storage_options(args.storage_option), read_only=True)
+    report = mgr.verify(args.step)
+    if args.json:
+        document = {
+            "directory": report.directory,
+            "ok": report.ok,
+            "checkpoints": [{"name": r.name, "step": r.step, "ok": r.ok, "problems": list(r.problems)} for r in report.results],
+        }
+        print(json.dumps(document, indent=2), file=out)
+    else:
+        for line in report.lines():
+            print(line, file=out)
+    return EXIT_OK if report.ok else EXIT_VERIFY_FAILED
+
+
 def ls_document(
     directory: str,
     records: Sequence[CheckpointRecord],
@@ -242,6 +260,18 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("directory", help="local path or fsspec URL")
     ls.add_argument("--json", action="store_true", help="print machine-readable JSON")
     ls.set_defaults(handler=cmd_ls)
+
+    check = commands.add_parser(
+        "verify",
+        parents=[common],
+        help="check every committed checkpoint's sizes and checksums; exit 1 on any failure",
+        description="Read every payload file of the committed checkpoints (read-only) and compare it with its "
+        "manifest. Exits 0 when all verify, 1 when any fails.",
+    )
+    check.add_argument("directory", help="local path or fsspec URL")
+    check.add_argument("--step", type=int, default=None, help="verify only this step")
+    check.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    check.set_defaults(handler=cmd_verify)
     return parser
 
 

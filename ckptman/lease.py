@@ -30,6 +30,7 @@ from ckptman.retry import RetryPolicy
 from ckptman.storage import Storage
 
 LEASE_NAME = "ckptman.lock"
+UNREADABLE = "unreadable"
 logger = logging.getLogger("ckptman")
 
 
@@ -58,6 +59,8 @@ class Holder:
             return None
 
     def describe(self, now: float) -> str:
+        if self.id == UNREADABLE:
+            return "an unreadable lease object (a corrupted lock)"
         since = datetime.fromtimestamp(self.since, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
         return f"host {self.host} pid {self.pid} since {since} (last renewed {now - self.renewed:.0f}s ago)"
 
@@ -89,7 +92,7 @@ class Lease:
                 f"Open it with read_only=True to read; a lease not renewed for lease_timeout={self.timeout:g}s "
                 "can be taken over"
             )
-        who = current.describe(now) if current else "an unreadable lease"
+        who = current.describe(now) if current else "a writer that already left"
         warnings.warn(
             f"taking over the stale lease of {self._storage.url} held by {who}; that writer stopped renewing it",
             LeaseWarning,
@@ -163,4 +166,4 @@ def _read(storage: Storage) -> Holder | None:
         data = storage.read_bytes(LEASE_NAME)
     except FileNotFoundError:
         return None
-    return Holder.from_bytes(data) or Holder("unreadable", "?", 0, 0.0, 0.0)
+    return Holder.from_bytes(data) or Holder(UNREADABLE, "?", 0, 0.0, 0.0)

@@ -20,14 +20,15 @@ import tempfile
 import time
 import warnings
 import weakref
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence, TypeVar
 
 import torch
 
-from ckptman import commit, jsonfmt, transfer
+from ckptman import commit, jsonfmt, transfer, verify
 from ckptman.errors import (
     CheckpointError,
     CheckpointNotFoundError,
+    CorruptCheckpointError,
     InvalidMetricError,
     InvalidStepError,
     ManagerClosedError,
@@ -45,8 +46,10 @@ from ckptman.record import CheckpointKind, CheckpointRecord
 from ckptman.retry import RetryPolicy
 from ckptman.state import SIDECAR_NAME, SidecarState
 from ckptman.storage import Storage
+from ckptman.verify import VerifyReport
 
 logger = logging.getLogger("ckptman")
+T = TypeVar("T")
 
 STATE_FILE = "state.pt"
 _FALLBACK = "the state is rebuilt from the manifests (a writable manager rewrites the sidecar); nothing is deleted"
@@ -225,19 +228,23 @@ class CheckpointManager:
     def restore(self, step: int | None = None, *, map_location: Any = "cpu", weights_only: bool = True) -> Any:
         """Load a committed state checkpoint (latest when ``step`` is None), verified against its manifest.
 
+        With ``step=None`` a checkpoint that fails verification is skipped with
+        a warning and the next newest is tried; an explicit step never falls back.
         ``weights_only=True`` (the default) refuses arbitrary pickled objects;
         pass False only for checkpoints you trust: unpickling can run code.
         """
-        self._check_open()
-        manifest = self._manifest(step)
-        if manifest.kind != "state":
-            raise CheckpointError(
-                f"checkpoint {manifest.name} is a directory checkpoint; use restore_directory({manifest.step})"
-            )
-        entry = _entry(manifest, STATE_FILE)
-        data = transfer.read_verified(self._storage, f"{manifest.name}/{STATE_FILE}", entry)
+
+        def read(manifest: Manifest) -> bytes:
+            if manifest.kind != "state":
+                raise CheckpointError(
+                    f"checkpoint {manifest.name} is a directory checkpoint; use restore_directory({manifest.step})"
+                )
+            entry = _entry(manifest, STATE_FILE)
+            return transfer.read_verified(self._storage, f"{manifest.name}/{STATE_FILE}", entry)
+
+        manifest, data = self._first_verified(step, read)
         try:
-            state = torch.load(io.BytesIO(data), map_location=map_location, weights_only=weights_only)
+            return torch.load(io.BytesIO(data), map_location=map_location, weights_only=weights_only)
         except pickle.UnpicklingError as exc:
             if not weights_only:
                 raise
@@ -246,8 +253,6 @@ class CheckpointManager:
                 "Save only tensors and plain containers, or pass weights_only=False if you trust this checkpoint: "
                 "unpickling can run arbitrary code"
             ) from exc
-        self._pinned = {manifest.step: RESUMED}
-        return state
 
     def restore_directory(self, step: int | None = None, local_dir: str | os.PathLike[str] | None = None) -> str:
         """A local directory holding a committed checkpoint's files, verified against its manifest.
@@ -255,17 +260,39 @@ class CheckpointManager:
         On local disk with ``local_dir=None`` this is the checkpoint folder
         itself (no copy; treat it as read-only). Otherwise the files are
         downloaded into ``local_dir`` (a new temporary folder when None, which
-        the caller owns).
+        the caller owns). Falls back like :meth:`restore` when ``step`` is None.
+        """
+
+        def fetch(manifest: Manifest) -> str:
+            in_place = self._storage.local_path(manifest.name) if local_dir is None else None
+            target = in_place or os.fspath(local_dir or tempfile.mkdtemp(prefix=f"ckptman-restore-{manifest.step}-"))
+            written: list[str] = []
+            try:
+                for entry in manifest.files:
+                    destination = None if in_place else os.path.join(target, *entry.path.split("/"))
+                    transfer.download_verified(self._storage, f"{manifest.name}/{entry.path}", entry, destination)
+                    if destination:
+                        written.append(destination)
+            except BaseException:
+                for path in written:  # leave no mix of two checkpoints behind a fallback
+                    with contextlib.suppress(OSError):
+                        os.unlink(path)
+                raise
+            return target
+
+        return self._first_verified(step, fetch)[1]
+
+    def verify(self, step: int | None = None) -> VerifyReport:
+        """Check sizes and checksums of one or all committed checkpoints, without loading tensors.
+
+        Folders whose manifest is unreadable count as failures when checking all.
         """
         self._check_open()
-        manifest = self._manifest(step)
-        in_place = self._storage.local_path(manifest.name) if local_dir is None else None
-        target = in_place or os.fspath(local_dir or tempfile.mkdtemp(prefix=f"ckptman-restore-{manifest.step}-"))
-        for entry in manifest.files:
-            destination = None if in_place else os.path.join(target, *entry.path.split("/"))
-            transfer.download_verified(self._storage, f"{manifest.name}/{entry.path}", entry, destination)
-        self._pinned = {manifest.step: RESUMED}
-        return target
+        if step is not None:
+            return VerifyReport(self.directory, (verify.check(self._storage, self._manifest(step)),))
+        results = [verify.check(self._storage, self._manifests[s]) for s in sorted(self._manifests)]
+        results += [verify.CheckResult(name, None, (reason,)) for name, reason in sorted(self._unreadable.items())]
+        return VerifyReport(self.directory, tuple(results))
 
     # -- state ----------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -370,6 +397,36 @@ class CheckpointManager:
                 f"no committed checkpoint for step {step} in {self.directory}; committed steps: {self.all_steps()}"
             )
         return self._manifests[step]
+
+    def _first_verified(self, step: int | None, load: Callable[[Manifest], T]) -> tuple[Manifest, T]:
+        """``load`` the asked-for checkpoint; for the latest, fall back past corrupted ones with a warning."""
+        self._check_open()
+        if step is not None:
+            manifest = self._manifest(step)
+            result = load(manifest)
+        else:
+            manifest, result = self._newest_loadable(load)
+        self._pinned = {manifest.step: RESUMED}
+        return manifest, result
+
+    def _newest_loadable(self, load: Callable[[Manifest], T]) -> tuple[Manifest, T]:
+        self._manifest(None)  # raises CheckpointNotFoundError when there is none
+        skipped: list[str] = []
+        for step in sorted(self._manifests, reverse=True):
+            manifest = self._manifests[step]
+            try:
+                result = load(manifest)
+            except CorruptCheckpointError as exc:
+                skipped.append(f"{manifest.name}: {exc}")
+                continue
+            if skipped:
+                warnings.warn(
+                    f"restored {manifest.name} instead of newer checkpoints that failed verification: {'; '.join(skipped)}",
+                    CheckpointWarning,
+                    stacklevel=4,
+                )
+            return manifest, result
+        raise CorruptCheckpointError(f"no committed checkpoint in {self.directory} verifies: {'; '.join(skipped)}")
 
     def _check_open(self) -> None:
         if self._closed:
