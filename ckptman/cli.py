@@ -128,7 +128,7 @@ def keep_reasons(mgr: CheckpointManager) -> tuple[dict[int, list[str]], dict[str
         return {r.step: ["unknown (no sidecar)"] for r in records}, None
     policy = policy_from_config(stored["policy"].get("config"), f"{mgr.directory}/{SIDECAR_NAME}")
     kept = policy.retain(records)
-    return {r.step: list(kept.get(r.step, ("not kept: deleted by the next writable manager",))) for r in records}, stored
+    return {r.step: list(kept.get(r.step, ("not kept by the policy (deleted at the writer's next save or report)",))) for r in records}, stored
 
 
 def cmd_ls(args: argparse.Namespace, out: TextIO) -> int:

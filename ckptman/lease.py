@@ -8,6 +8,10 @@ deletes it on close. A second writer gets :class:`DirectoryLockedError` naming
 the holder. A lease not renewed for longer than ``timeout`` (its holder was
 killed) may be taken over, with a warning.
 
+A lease is stale when it was not renewed within the longer of the holder's
+and the newcomer's timeout (so a newcomer with a short timeout cannot take a
+live writer's lease), or at once when its holder was a process on this same
+host that no longer exists (a killed job restarts without waiting).
 Staleness compares the holder's last renewal time with this machine's clock,
 so writer hosts' clocks must agree to well within ``timeout``.
 """
@@ -45,6 +49,7 @@ class Holder:
     pid: int
     since: float
     renewed: float
+    timeout: float = 0.0
 
     def to_bytes(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True).encode()
@@ -54,7 +59,14 @@ class Holder:
         """None for an unreadable lease: treated as held by an unknown writer that never renews."""
         try:
             raw = json.loads(data)
-            return Holder(str(raw["id"]), str(raw["host"]), int(raw["pid"]), float(raw["since"]), float(raw["renewed"]))
+            return Holder(
+                str(raw["id"]),
+                str(raw["host"]),
+                int(raw["pid"]),
+                float(raw["since"]),
+                float(raw["renewed"]),
+                float(raw.get("timeout", 0.0)),
+            )
         except (ValueError, KeyError, TypeError):
             return None
 
@@ -74,7 +86,7 @@ class Lease:
         self._storage = storage
         self.timeout = float(timeout)
         now = time.time()
-        self.holder = Holder(uuid.uuid4().hex, socket.gethostname(), os.getpid(), now, now)
+        self.holder = Holder(uuid.uuid4().hex, socket.gethostname(), os.getpid(), now, now, self.timeout)
         self._lost: BaseException | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -86,7 +98,7 @@ class Lease:
             return
         current = self._read()
         now = time.time()
-        if current is not None and now - current.renewed <= self.timeout:
+        if current is not None and not self._is_stale(current, now):
             raise DirectoryLockedError(
                 f"{self._storage.url} is being written by another checkpoint manager: {current.describe(now)}. "
                 f"Open it with read_only=True to read; a lease not renewed for lease_timeout={self.timeout:g}s "
@@ -103,10 +115,20 @@ class Lease:
             raise DirectoryLockedError(f"another manager took over the stale lease of {self._storage.url} first")
         self._start_renewing()
 
-    def check(self) -> None:
-        """Raise LeaseLostError unless this manager still holds the lease (called before each commit)."""
+    def _is_stale(self, holder: Holder, now: float) -> bool:
+        """Not renewed within the longer of both timeouts, or held by a dead process on this host."""
+        if holder.host == self.holder.host and holder.pid != self.holder.pid and not _pid_alive(holder.pid):
+            return True
+        return now - holder.renewed > max(self.timeout, holder.timeout)
+
+    def raise_if_lost(self) -> None:
+        """Without I/O: raise if the renewal thread already found the lease gone."""
         if self._lost is not None:
             raise LeaseLostError(f"lost the lease on {self._storage.url}: {self._lost}") from self._lost
+
+    def check(self) -> None:
+        """Raise LeaseLostError unless this manager still holds the lease (read before every write)."""
+        self.raise_if_lost()
         current = self._read()
         if current is None or current.id != self.holder.id:
             who = current.describe(time.time()) if current else "nobody"
@@ -167,3 +189,15 @@ def _read(storage: Storage) -> Holder | None:
     except FileNotFoundError:
         return None
     return Holder.from_bytes(data) or Holder(UNREADABLE, "?", 0, 0.0, 0.0)
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True

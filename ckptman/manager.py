@@ -9,7 +9,6 @@ is the truth, re-read on construction and by :meth:`CheckpointManager.refresh`.
 from __future__ import annotations
 
 import contextlib
-import io
 import logging
 import numbers
 import operator
@@ -76,7 +75,7 @@ def check_step(step: object) -> int:
 class CheckpointManager:
     """Decides when to save, commits checkpoints through fsspec, keeps them by policy.
 
-    See the README for the argument reference; every argument is validated
+    See docs/getting-started.md for the argument reference; every argument is validated
     here, so a bad setting fails at construction, not after hours of training.
     """
 
@@ -210,6 +209,7 @@ class CheckpointManager:
         if not values:
             raise InvalidMetricError("report() needs at least one metric, e.g. {'val/loss': 0.25}")
         manifest = self._manifest(check_step(step)).with_metrics(values)
+        self._check_lease()
         commit.rewrite(self._storage, manifest)
         self._manifests[manifest.step] = manifest
         self._apply_retention()
@@ -218,6 +218,7 @@ class CheckpointManager:
         """Delete one committed checkpoint (manifest first)."""
         self._check_writable()
         manifest = self._manifest(check_step(step))
+        self._check_lease()
         commit.uncommit(self._storage, manifest.name)
         del self._manifests[manifest.step]
         self._pinned.pop(manifest.step, None)
@@ -234,25 +235,16 @@ class CheckpointManager:
         pass False only for checkpoints you trust: unpickling can run code.
         """
 
-        def read(manifest: Manifest) -> bytes:
+        def load(manifest: Manifest) -> Any:
             if manifest.kind != "state":
                 raise CheckpointError(
                     f"checkpoint {manifest.name} is a directory checkpoint; use restore_directory({manifest.step})"
                 )
-            entry = _entry(manifest, STATE_FILE)
-            return transfer.read_verified(self._storage, f"{manifest.name}/{STATE_FILE}", entry)
+            rel = f"{manifest.name}/{STATE_FILE}"
+            with transfer.verified_local_copy(self._storage, rel, _entry(manifest, STATE_FILE)) as path:
+                return _load_state(manifest, path, map_location, weights_only)
 
-        manifest, data = self._first_verified(step, read)
-        try:
-            return torch.load(io.BytesIO(data), map_location=map_location, weights_only=weights_only)
-        except pickle.UnpicklingError as exc:
-            if not weights_only:
-                raise
-            raise UnsafeCheckpointError(
-                f"checkpoint {manifest.name} holds objects that weights_only=True refuses to load ({exc}). "
-                "Save only tensors and plain containers, or pass weights_only=False if you trust this checkpoint: "
-                "unpickling can run arbitrary code"
-            ) from exc
+        return self._first_verified(step, load)[1]
 
     def restore_directory(self, step: int | None = None, local_dir: str | os.PathLike[str] | None = None) -> str:
         """A local directory holding a committed checkpoint's files, verified against its manifest.
@@ -320,6 +312,7 @@ class CheckpointManager:
             missing = {k: v for k, v in record.metrics.items() if k not in manifest.metrics}
             if missing:
                 self._check_writable()
+                self._check_lease()
                 updated = manifest.with_metrics(missing)
                 commit.rewrite(self._storage, updated)
                 self._manifests[record.step] = updated
@@ -403,7 +396,7 @@ class CheckpointManager:
         self._check_open()
         if step is not None:
             manifest = self._manifest(step)
-            result = load(manifest)
+            result = self._load_listed(manifest, load)
         else:
             manifest, result = self._newest_loadable(load)
         self._pinned = {manifest.step: RESUMED}
@@ -415,8 +408,8 @@ class CheckpointManager:
         for step in sorted(self._manifests, reverse=True):
             manifest = self._manifests[step]
             try:
-                result = load(manifest)
-            except CorruptCheckpointError as exc:
+                result = self._load_listed(manifest, load)
+            except (CorruptCheckpointError, CheckpointNotFoundError) as exc:
                 skipped.append(f"{manifest.name}: {exc}")
                 continue
             if skipped:
@@ -428,6 +421,18 @@ class CheckpointManager:
             return manifest, result
         raise CorruptCheckpointError(f"no committed checkpoint in {self.directory} verifies: {'; '.join(skipped)}")
 
+    def _load_listed(self, manifest: Manifest, load: Callable[[Manifest], T]) -> T:
+        """``load``, telling a checkpoint deleted since the listing (by its writer) apart from a corrupted one."""
+        try:
+            return load(manifest)
+        except CorruptCheckpointError:
+            if self._storage.exists(commit.manifest_path(manifest.name)):
+                raise
+            raise CheckpointNotFoundError(
+                f"checkpoint {manifest.name} was deleted since this manager listed {self.directory} "
+                "(rotated out by its writer?); call refresh() to see the current checkpoints"
+            ) from None
+
     def _check_open(self) -> None:
         if self._closed:
             raise ManagerClosedError(f"the manager for {self.directory} is closed; create a new CheckpointManager")
@@ -436,6 +441,13 @@ class CheckpointManager:
         self._check_open()
         if self._read_only:
             raise ReadOnlyError(f"the manager for {self.directory} was opened with read_only=True; it cannot write")
+        if self._lease is not None:
+            self._lease.raise_if_lost()
+
+    def _check_lease(self) -> None:
+        """Read the lease before changing anything on storage: a writer that lost it must not write or delete."""
+        if self._lease is not None:
+            self._lease.check()
 
     def _check_save(self, step: object, metrics: Mapping[str, object] | None) -> tuple[int, dict[str, float]]:
         self._check_writable()
@@ -493,14 +505,21 @@ class CheckpointManager:
             self._commit(Manifest(step, name, "directory", time.time(), entries, metrics))
 
     def _commit(self, manifest: Manifest) -> None:
-        if self._lease is not None:
-            self._lease.check()
+        self._check_lease()
         commit.commit(self._storage, manifest)
         self._manifests[manifest.step] = manifest
         self._pinned = {}  # a newer checkpoint is now the resume point
         logger.info("committed %s/%s (%d files, %d bytes)", self.directory, manifest.name, len(manifest.files), manifest.size)
-        self._write_latest()
-        self._apply_retention()
+        try:
+            self._write_latest()
+            self._apply_retention()
+        except Exception as exc:  # noqa: BLE001 - the checkpoint is committed: say so, do not pretend it failed
+            warnings.warn(
+                f"checkpoint {manifest.name} is committed, but updating latest/retention/sidecar failed ({exc}); "
+                "the next save or the next manager to open the directory repairs them",
+                CheckpointWarning,
+                stacklevel=4,
+            )
 
     def _apply_retention(self) -> None:
         kept = self.kept_reasons()
@@ -561,6 +580,20 @@ class CheckpointManager:
             return self._storage.read_bytes(LATEST_NAME).decode().strip()
         except (FileNotFoundError, UnicodeDecodeError):
             return None
+
+
+def _load_state(manifest: Manifest, path: str, map_location: Any, weights_only: bool) -> Any:
+    """``torch.load`` of a verified file, memory-mapped: its pages were just read by the checksum pass."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=weights_only, mmap=True)
+    except pickle.UnpicklingError as exc:
+        if not weights_only:
+            raise
+        raise UnsafeCheckpointError(
+            f"checkpoint {manifest.name} holds objects that weights_only=True refuses to load ({exc}). "
+            "Save only tensors and plain containers, or pass weights_only=False if you trust this checkpoint: "
+            "unpickling can run arbitrary code"
+        ) from exc
 
 
 def _entry(manifest: Manifest, path: str) -> FileEntry:

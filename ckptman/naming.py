@@ -43,8 +43,8 @@ class NameFormat:
                 continue
             if name != "step":
                 raise PolicyConfigError(f"name_format {self.template!r} may only use the field {{step}}, not {{{name}}}")
+            regex.append(rf"(?P<step{fields}>[0-9 ,_+]*[0-9][0-9 ,_+]*)")
             fields += 1
-            regex.append(r"[0-9 ,_+]*[0-9][0-9 ,_+]*")
         if fields == 0:
             raise PolicyConfigError(f"name_format {self.template!r} must contain {{step}} so each checkpoint gets its own folder")
         object.__setattr__(self, "pattern", re.compile("".join(regex)))
@@ -58,7 +58,7 @@ class NameFormat:
                     f"name_format {self.template!r} gives the folder name {name!r}; it must be one path component, "
                     f"not start with '.', not be one of {sorted(RESERVED)}"
                 )
-            if not self.pattern.fullmatch(name):
+            if not self.matches(name):
                 raise PolicyConfigError(
                     f"name_format {self.template!r} gives the folder name {name!r}; format the step as decimal "
                     "digits, e.g. 'step_{step:08d}'"
@@ -74,4 +74,9 @@ class NameFormat:
         return self._format(step)
 
     def matches(self, folder: str) -> bool:
-        return self.pattern.fullmatch(folder) is not None
+        """Whether some step formats to exactly this name (so "step_1" is not ours under "step_{step:08d}")."""
+        found = self.pattern.fullmatch(folder)
+        if found is None:
+            return False
+        step = int("".join(c for c in found.group("step0") if c.isdigit()))
+        return step <= MAX_STEP and self._format(step) == folder

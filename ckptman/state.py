@@ -12,7 +12,7 @@ and never causes a deletion::
       "checkpoints": [{"step": 100, "name": "step_00000100", "kind": "state",
                        "created": 1764000000.0, "size": 123, "metrics": {...}}],
       "best": {"val/loss": {"mode": "min", "steps": [100]}},
-      "policy": {...}                          # informational, never read back
+      "policy": {"config": {...}, ...}         # "config" rebuilds the writer's policy (ckptman ls); the rest is for people
     }
 """
 

@@ -270,13 +270,16 @@ class Storage:
         self._guard("delete", rel, delete)
 
     def remove_temporaries(self) -> list[str]:
-        """Delete leftover temporary metadata files of an interrupted local write."""
+        """Delete temporary metadata files an interrupted local write left (top level and checkpoint folders)."""
         if not self.is_local or not os.path.isdir(self.root):
             return []
-        leftovers = [name for name in os.listdir(self.root) if name.startswith(_TMP_PREFIX)]
-        for name in leftovers:
+        folders = [self.root] + [entry.path for entry in os.scandir(self.root) if entry.is_dir(follow_symlinks=False)]
+        leftovers = [
+            os.path.join(folder, name) for folder in folders for name in os.listdir(folder) if name.startswith(_TMP_PREFIX)
+        ]
+        for path in leftovers:
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join(self.root, name))
+                os.unlink(path)
         return leftovers
 
     # -- errors --------------------------------------------------------------

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import io
+import mmap
 import os
 import shutil
-from typing import IO, Callable
+import tempfile
+from typing import IO, Callable, Iterator
 
 import xxhash
 
@@ -100,18 +102,39 @@ def _missing(storage: Storage, rel: str) -> CorruptCheckpointError:
     return CorruptCheckpointError(f"{storage.url}/{rel} is listed in the manifest but missing; the checkpoint is incomplete or corrupted")
 
 
-def read_verified(storage: Storage, rel: str, entry: FileEntry) -> bytes:
-    """Read a whole payload file and check it against its manifest entry."""
-    try:
-        data = storage.read_bytes(rel)
-    except FileNotFoundError as exc:
-        raise _missing(storage, rel) from exc
-    if len(data) != entry.size:
-        raise _mismatch(storage, rel, "size", entry.size, len(data))
-    actual = checksum_of(data)
+def checksum_local_file(path: str) -> tuple[int, str]:
+    """Size and checksum of a local file, hashed straight from the page cache through mmap (no copies)."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:
+            return 0, checksum_of(b"")
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            return size, checksum_of(memoryview(mapped))
+
+
+@contextlib.contextmanager
+def verified_local_copy(storage: Storage, rel: str, entry: FileEntry) -> Iterator[str]:
+    """A verified local path for a payload file: the file itself on local disk, else a temporary download."""
+    local = storage.local_path(rel)
+    if local is not None:
+        try:
+            size, actual = checksum_local_file(local)
+        except FileNotFoundError as exc:
+            raise _missing(storage, rel) from exc
+        _check(storage, rel, entry, size, actual)
+        yield local
+        return
+    with tempfile.TemporaryDirectory(prefix="ckptman-restore-") as scratch:
+        path = os.path.join(scratch, os.path.basename(rel))
+        download_verified(storage, rel, entry, path)
+        yield path
+
+
+def _check(storage: Storage, rel: str, entry: FileEntry, size: int, actual: str) -> None:
+    if size != entry.size:
+        raise _mismatch(storage, rel, "size", entry.size, size)
     if actual != entry.checksum:
         raise _mismatch(storage, rel, "checksum", entry.checksum, actual)
-    return data
 
 
 def download_verified(storage: Storage, rel: str, entry: FileEntry, local_path: str | None) -> None:
@@ -134,7 +157,4 @@ def download_verified(storage: Storage, rel: str, entry: FileEntry, local_path: 
         size, actual = storage.read_file(rel, consume)
     except FileNotFoundError as exc:
         raise _missing(storage, rel) from exc
-    if size != entry.size:
-        raise _mismatch(storage, rel, "size", entry.size, size)
-    if actual != entry.checksum:
-        raise _mismatch(storage, rel, "checksum", entry.checksum, actual)
+    _check(storage, rel, entry, size, actual)

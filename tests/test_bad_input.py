@@ -15,8 +15,8 @@ import torch
 from ckptman import (
     BucketNotFoundError,
     CheckpointManager,
+    CheckpointNotFoundError,
     CheckpointWarning,
-    CorruptCheckpointError,
     InvalidMetricError,
     InvalidStepError,
     NotADirectoryStorageError,
@@ -151,7 +151,7 @@ def test_checkpoint_folder_deleted_behind_the_managers_back(run: Any, caplog: An
     fs, root = backend.fs()
     fs.rm(f"{root}/step_00000003", recursive=True)
     fs.invalidate_cache()
-    with pytest.raises(CorruptCheckpointError, match="missing"):
+    with pytest.raises(CheckpointNotFoundError, match="deleted since this manager listed"):
         mgr.restore(3)
     with pytest.warns(CheckpointWarning, match="restored step_00000002 instead"):
         assert torch.equal(mgr.restore()["w"], state(2)["w"])

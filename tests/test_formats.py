@@ -106,6 +106,8 @@ class TestNameFormat:
         assert names(42) == "step_00000042"
         assert names.matches("step_00000042") and names.matches("step_123456789012")
         assert not names.matches("tensorboard") and not names.matches("step_") and not names.matches("step_1x")
+        # Only names this format produces: a user's "step_1" or "step_2024_01" folder is never claimed.
+        assert not names.matches("step_1") and not names.matches("step_2024_01") and not names.matches("step_0000000012 ")
 
     def test_bare_step_does_not_claim_other_folders(self) -> None:
         names = NameFormat("{step}")

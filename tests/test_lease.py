@@ -113,3 +113,40 @@ def test_lease_is_released_when_the_manager_is_garbage_collected(tmp_path: Any) 
         time.sleep(0.05)
     assert not os.path.exists(tmp_path / "run" / LEASE_NAME)
     CheckpointManager(str(tmp_path / "run")).close()
+
+
+@pytest.mark.parametrize("backend", ["local", "s3"], indirect=True)
+def test_lease_of_a_dead_process_on_this_host_is_taken_over_at_once(backend: Any) -> None:
+    import subprocess
+    import sys
+
+    open_manager(backend).close()
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    dead_pid = int(finished.stdout)
+    now = time.time()
+    write_lease(backend, {"id": "dead", "host": socket.gethostname(), "pid": dead_pid, "since": now, "renewed": now, "timeout": 600})
+    with pytest.warns(LeaseWarning, match=f"pid {dead_pid}"):
+        open_manager(backend).close()
+
+
+@pytest.mark.parametrize("backend", ["local", "s3"], indirect=True)
+def test_a_newcomer_with_a_short_timeout_cannot_take_a_live_lease(backend: Any) -> None:
+    with open_manager(backend, lease_timeout=60):
+        time.sleep(1.2)
+        with pytest.raises(DirectoryLockedError):
+            open_manager(backend, lease_timeout=1)
+
+
+@pytest.mark.parametrize("backend", ["local", "s3"], indirect=True)
+def test_a_writer_that_lost_its_lease_deletes_and_reports_nothing(backend: Any) -> None:
+    with open_manager(backend) as mgr:
+        mgr.save(1, {"w": torch.ones(1)})
+        write_lease(backend, {"id": "other", "host": "h2", "pid": 7, "since": time.time(), "renewed": time.time()})
+        with pytest.raises(LeaseLostError):
+            mgr.delete(1)
+        with pytest.raises(LeaseLostError):
+            mgr.report(1, {"loss": 1.0})
+        with pytest.raises(LeaseLostError):  # remembered: no further I/O needed to refuse
+            mgr.save(2, {"w": torch.ones(1)})
+    with open_manager(backend, read_only=True) as reader:
+        assert reader.all_steps() == [1] and reader.metrics(1) == {}

@@ -165,8 +165,8 @@ class TestCommitProtocol:
             return original(path, recursive=recursive, **kwargs)
 
         monkeypatch.setattr(fs, "rm", rm_fails_on_trees)
-        with pytest.raises(CheckpointError, match="simulated crash"):
-            mgr.save(2, state(2))
+        with pytest.warns(CheckpointWarning, match="step_00000002 is committed.*simulated crash"):
+            assert mgr.save(2, state(2)) is True
         monkeypatch.undo()
         mgr.close()
         # Step 1's manifest went first; its payload is still there but it no longer counts.
@@ -533,3 +533,47 @@ def test_unreachable_endpoint_is_not_reported_as_a_missing_bucket() -> None:
         CheckpointManager("s3://ckptman-test/run", storage_options=options)
     assert not isinstance(raised.value, BucketNotFoundError)
     assert "'s'" not in str(raised.value) and "secret" not in str(raised.value)
+
+
+def test_reader_with_an_old_listing_gets_not_found_for_a_rotated_checkpoint(backend: Any) -> None:
+    writer = manager(backend, keep_last=1)
+    writer.save(1, state(1))
+    reader = manager(backend, read_only=True)
+    writer.save(2, state(2))  # rotates step 1 out
+    with pytest.raises(CheckpointNotFoundError, match="deleted since this manager listed"):
+        reader.restore(1)
+    reader.refresh()
+    assert reader.all_steps() == [2]
+
+
+def test_bookkeeping_failure_after_commit_warns_and_reports_the_commit(local_backend: Any, monkeypatch: Any) -> None:
+    mgr = manager(local_backend, keep_last=1)
+    mgr.save(1, state(1))
+    from ckptman.storage import Storage
+
+    original = Storage.write_atomic
+
+    def sidecar_fails(self: Storage, rel: str, data: bytes) -> None:
+        if rel == "ckptman.json":
+            raise OSError("disk full while writing the sidecar")
+        original(self, rel, data)
+
+    monkeypatch.setattr(Storage, "write_atomic", sidecar_fails)
+    with pytest.warns(CheckpointWarning, match="step_00000002 is committed.*disk full"):
+        assert mgr.save(2, state(2)) is True
+    monkeypatch.undo()
+    assert mgr.all_steps() == [2]
+    mgr.close()
+    reopened = manager(local_backend, keep_last=1)
+    assert reopened.all_steps() == [2]
+    assert json.loads(read(local_backend, "ckptman.json"))["latest"] == "step_00000002"
+
+
+def test_temporary_files_of_an_interrupted_local_write_are_cleaned(local_backend: Any) -> None:
+    with manager(local_backend) as mgr:
+        mgr.save(1, state(1))
+    for rel in (".ckptman-tmp-abc-ckptman.json", "step_00000001/.ckptman-tmp-def-ckptman-manifest.json"):
+        write(local_backend, rel, b"partial")
+    manager(local_backend)
+    leftovers = [p for p in os.listdir(local_backend.url) + os.listdir(f"{local_backend.url}/step_00000001") if "tmp" in p]
+    assert leftovers == []

@@ -23,7 +23,7 @@ _GREATER_IS_BETTER = ("acc", "top", "ar@", "auc", "precision", "map", "mdice", "
 
 
 def infer_mode(name: str) -> Mode:
-    """The direction of a metric from its name, case-insensitively (mmengine's rule set)."""
+    """The direction of a metric from its name: case-insensitive substrings of mmengine's keys, "loss" first."""
     lowered = name.lower()
     if any(key in lowered for key in _LESS_IS_BETTER):
         return "min"
@@ -31,7 +31,7 @@ def infer_mode(name: str) -> Mode:
         return "max"
     raise PolicyConfigError(
         f"cannot infer whether metric {name!r} should be minimised or maximised; "
-        f"pass mode='min' or mode='max' (or mode={{{name!r}: 'min'}})"
+        f"pass mode='min' or mode='max' (for several metrics a dict such as mode={{{name!r}: 'max'}})"
     )
 
 
@@ -61,7 +61,8 @@ def resolve_metrics(best: str | Sequence[str] | None, mode: str | Mapping[str, s
     if not names:
         raise PolicyConfigError("best= is an empty list; pass None to track no metric")
     for name in names:
-        validate_metric_name(name)
+        if not isinstance(name, str) or not name:
+            raise PolicyConfigError(f"best= must name metrics with non-empty strings, got {name!r}")
     if len(set(names)) != len(names):
         raise PolicyConfigError(f"best= names a metric twice: {names}")
     if isinstance(mode, Mapping):
