@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence, TypeVar
 import torch
 
 from ckptman import commit, jsonfmt, transfer, verify
+from ckptman.background import BackgroundWriter, snapshot
 from ckptman.errors import (
     CheckpointError,
     CheckpointNotFoundError,
@@ -41,10 +42,12 @@ from ckptman.manifest import MANIFEST_NAME, FileEntry, Manifest
 from ckptman.naming import LATEST_NAME, MAX_STEP, NameFormat
 from ckptman.policy import build_policy
 from ckptman.policy.best import coerce_metrics, top_k
+from ckptman.policy.save import require_int
 from ckptman.record import CheckpointKind, CheckpointRecord
 from ckptman.retry import RetryPolicy
 from ckptman.state import SIDECAR_NAME, SidecarState
 from ckptman.storage import Storage
+from ckptman.transfer import Transfers
 from ckptman.verify import VerifyReport
 
 logger = logging.getLogger("ckptman")
@@ -94,6 +97,9 @@ class CheckpointManager:
         read_only: bool = False,
         lease_timeout: float = 60.0,
         retry: RetryPolicy | None = None,
+        async_save: bool = False,
+        max_concurrency: int = 8,
+        progress: bool | None = None,
     ) -> None:
         self._policy = build_policy(
             save_interval_steps=save_interval_steps,
@@ -105,6 +111,7 @@ class CheckpointManager:
             keep_best=keep_best,
         )
         self._names = NameFormat(name_format)
+        self._transfers = Transfers(require_int("max_concurrency", max_concurrency, minimum=1), progress)
         self._read_only = bool(read_only)
         self._closed = False
         self._pinned: dict[int, str] = {}
@@ -112,6 +119,7 @@ class CheckpointManager:
         self._unreadable: dict[str, str] = {}
         self._stored: SidecarState | None = None
         self._storage = Storage(directory, storage_options, retry)
+        self._background = BackgroundWriter(bool(async_save))
         self._lease: Lease | None = None
         if not self._read_only:
             self._storage.ensure_directory()
@@ -168,17 +176,24 @@ class CheckpointManager:
     def save(self, step: int, state: Any, *, metrics: Mapping[str, object] | None = None, force: bool = False) -> bool:
         """Save ``state`` (anything ``torch.save`` accepts) if forced, due, or a new best.
 
-        Returns True when a checkpoint was written and committed.
+        Returns True when a checkpoint was written and committed, or, with
+        ``async_save=True``, snapshotted and handed to the background writer
+        (its errors are raised by the manager's next call).
         """
         step, values = self._check_save(step, metrics)
         if not (force or self._wants(step, values)):
             return False
-        name = self._prepare_folder(step)
-        with self._discard_on_error(name):
-            entry = transfer.write_stream(
-                self._storage, f"{name}/{STATE_FILE}", lambda f: torch.save(state, f), STATE_FILE
-            )
-            self._commit(Manifest(step, name, "state", time.time(), (entry,), values))
+        payload = snapshot(state) if self._background.enabled else state
+
+        def write() -> None:
+            name = self._prepare_folder(step)
+            with self._discard_on_error(name):
+                entry = self._transfers.write(
+                    self._storage, f"{name}/{STATE_FILE}", lambda f: torch.save(payload, f), STATE_FILE
+                )
+                self._commit(Manifest(step, name, "state", time.time(), (entry,), values))
+
+        self._background.submit(write, CheckpointRecord(step, self._names(step), values))
         return True
 
     @contextlib.contextmanager
@@ -188,7 +203,9 @@ class CheckpointManager:
         """A local folder to write any files into (DeepSpeed-style); committed on clean exit.
 
         Yields None when the step is not due (write nothing then). On an
-        exception inside the block nothing is committed and the error propagates.
+        exception inside the block nothing is committed and the error
+        propagates. With ``async_save=True`` the files are uploaded and
+        committed in the background after the block.
         """
         step, values = self._check_save(step, metrics)
         if not (force or self._wants(step, values)):
@@ -198,29 +215,39 @@ class CheckpointManager:
         try:
             yield staging
             self._check_open()
-            self._commit_local_folder(step, staging, values)
-        finally:
+        except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
+            raise
+
+        def upload() -> None:
+            try:
+                self._commit_local_folder(step, staging, values)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+
+        self._background.submit(upload, CheckpointRecord(step, self._names(step), values))
 
     def report(self, step: int, metrics: Mapping[str, object]) -> None:
         """Metrics for an already committed step (evaluation after the save); retention re-runs."""
         self._check_writable()
+        self._background.wait()
         values = coerce_metrics(metrics)
         if not values:
             raise InvalidMetricError("report() needs at least one metric, e.g. {'val/loss': 0.25}")
         manifest = self._manifest(check_step(step)).with_metrics(values)
         self._check_lease()
         commit.rewrite(self._storage, manifest)
-        self._manifests[manifest.step] = manifest
+        self._put(manifest)
         self._apply_retention()
 
     def delete(self, step: int) -> None:
         """Delete one committed checkpoint (manifest first)."""
         self._check_writable()
+        self._background.wait()
         manifest = self._manifest(check_step(step))
         self._check_lease()
         commit.uncommit(self._storage, manifest.name)
-        del self._manifests[manifest.step]
+        self._drop(manifest.step)
         self._pinned.pop(manifest.step, None)
         self._write_latest()
         self._write_sidecar()
@@ -258,17 +285,17 @@ class CheckpointManager:
         def fetch(manifest: Manifest) -> str:
             in_place = self._storage.local_path(manifest.name) if local_dir is None else None
             target = in_place or os.fspath(local_dir or tempfile.mkdtemp(prefix=f"ckptman-restore-{manifest.step}-"))
-            written: list[str] = []
+            items = [
+                (f"{manifest.name}/{entry.path}", entry, None if in_place else os.path.join(target, *entry.path.split("/")))
+                for entry in manifest.files
+            ]
             try:
-                for entry in manifest.files:
-                    destination = None if in_place else os.path.join(target, *entry.path.split("/"))
-                    transfer.download_verified(self._storage, f"{manifest.name}/{entry.path}", entry, destination)
-                    if destination:
-                        written.append(destination)
+                self._transfers.download_files(self._storage, items)
             except BaseException:
-                for path in written:  # leave no mix of two checkpoints behind a fallback
-                    with contextlib.suppress(OSError):
-                        os.unlink(path)
+                for _, _, path in items:  # leave no mix of two checkpoints behind a fallback
+                    if path:
+                        with contextlib.suppress(OSError):
+                            os.unlink(path)
                 raise
             return target
 
@@ -281,8 +308,8 @@ class CheckpointManager:
         """
         self._check_open()
         if step is not None:
-            return VerifyReport(self.directory, (verify.check(self._storage, self._manifest(step)),))
-        results = [verify.check(self._storage, self._manifests[s]) for s in sorted(self._manifests)]
+            return VerifyReport(self.directory, (verify.check(self._transfers, self._storage, self._manifest(step)),))
+        results = [verify.check(self._transfers, self._storage, self._manifests[s]) for s in sorted(self._manifests)]
         results += [verify.CheckResult(name, None, (reason,)) for name, reason in sorted(self._unreadable.items())]
         return VerifyReport(self.directory, tuple(results))
 
@@ -315,7 +342,7 @@ class CheckpointManager:
                 self._check_lease()
                 updated = manifest.with_metrics(missing)
                 commit.rewrite(self._storage, updated)
-                self._manifests[record.step] = updated
+                self._put(updated)
                 changed = True
         if changed:
             self._apply_retention()
@@ -323,6 +350,7 @@ class CheckpointManager:
     def refresh(self) -> None:
         """Re-read the directory: manifests are the truth; repair leftovers and the sidecar if writable."""
         self._check_open()
+        self._background.wait()
         found = commit.scan(self._storage, self._names.matches)
         manifests: dict[int, Manifest] = {}
         for manifest in sorted(found.committed.values(), key=lambda m: (not self._names.matches(m.name), m.name)):
@@ -354,15 +382,16 @@ class CheckpointManager:
 
     # -- lifecycle ------------------------------------------------------------
     def wait_until_finished(self) -> None:
-        """Block until every save in flight is committed (saves are synchronous today)."""
+        """Block until the save in flight is committed; raises its error if it failed."""
         self._check_open()
+        self._background.wait()
 
     def close(self) -> None:
         """Wait for saves in flight, then release the directory's lease."""
         if self._closed:
             return
         try:
-            self.wait_until_finished()
+            self._background.close()
         finally:
             self._closed = True
             if self._lease is not None:
@@ -436,6 +465,14 @@ class CheckpointManager:
     def _check_open(self) -> None:
         if self._closed:
             raise ManagerClosedError(f"the manager for {self.directory} is closed; create a new CheckpointManager")
+        self._background.raise_if_failed()
+
+    def _put(self, manifest: Manifest) -> None:
+        """Copy-on-write, so readers on the caller's thread never see a dict change under them."""
+        self._manifests = {**self._manifests, manifest.step: manifest}
+
+    def _drop(self, step: int) -> None:
+        self._manifests = {s: m for s, m in self._manifests.items() if s != step}
 
     def _check_writable(self) -> None:
         self._check_open()
@@ -458,7 +495,10 @@ class CheckpointManager:
                 f"step {step} is already committed as {self._manifests[step].name} in {self.directory}; "
                 "delete it first or save a later step"
             )
-        latest = self.latest_step()
+        inflight = self._background.inflight
+        latest = max((s for s in (self.latest_step(), inflight.step if inflight else None) if s is not None), default=None)
+        if inflight is not None and step == inflight.step:
+            raise StepExistsError(f"step {step} is being saved in the background; save a later step")
         if latest is not None and step < latest:
             raise InvalidStepError(
                 f"step {step} is older than the latest committed step {latest} in {self.directory}; "
@@ -467,7 +507,10 @@ class CheckpointManager:
         return step, values
 
     def _wants(self, step: int, metrics: Mapping[str, float]) -> bool:
-        return self._policy.wants(self._records(), CheckpointRecord(step, self._names(step), metrics))
+        """Decided against the committed checkpoints plus the one being written in the background."""
+        inflight = self._background.inflight
+        history = self._records() + ([inflight] if inflight else [])
+        return self._policy.wants(history, CheckpointRecord(step, self._names(step), metrics))
 
     def _prepare_folder(self, step: int) -> str:
         name = self._names(step)
@@ -498,16 +541,15 @@ class CheckpointManager:
             raise CheckpointError(f"save_directory({step}) wrote {MANIFEST_NAME}, a name ckptman reserves; rename it")
         name = self._prepare_folder(step)
         with self._discard_on_error(name):
-            entries = tuple(
-                transfer.upload_file(self._storage, os.path.join(staging, path), f"{name}/{path}", path)
-                for path in files
+            entries = self._transfers.upload_files(
+                self._storage, [(os.path.join(staging, path), f"{name}/{path}", path) for path in files]
             )
             self._commit(Manifest(step, name, "directory", time.time(), entries, metrics))
 
     def _commit(self, manifest: Manifest) -> None:
         self._check_lease()
         commit.commit(self._storage, manifest)
-        self._manifests[manifest.step] = manifest
+        self._put(manifest)
         self._pinned = {}  # a newer checkpoint is now the resume point
         logger.info("committed %s/%s (%d files, %d bytes)", self.directory, manifest.name, len(manifest.files), manifest.size)
         try:
@@ -527,7 +569,7 @@ class CheckpointManager:
             name = self._manifests[step].name
             logger.info("retention: deleting %s/%s", self.directory, name)
             commit.uncommit(self._storage, name)
-            del self._manifests[step]
+            self._drop(step)
         self._write_sidecar()
 
     def _sidecar(self) -> SidecarState:

@@ -13,25 +13,30 @@ import mmap
 import os
 import shutil
 import tempfile
-from typing import IO, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import IO, Callable, Iterator, Sequence, TypeVar
 
 import xxhash
 
 from ckptman.errors import CorruptCheckpointError
 from ckptman.manifest import FileEntry
+from ckptman.progress import DEFAULT_CALLBACK, Callback, Progress
 from ckptman.storage import Storage
 
 ALGORITHM = "xxh3_128"
+T = TypeVar("T")
+R = TypeVar("R")
 CHUNK = 8 * 1024 * 1024
 
 
 class ChecksumWriter(io.RawIOBase):
     """A write-only stream that hashes and counts everything passed to the file beneath."""
 
-    def __init__(self, target: IO[bytes]) -> None:
+    def __init__(self, target: IO[bytes], callback: Callback = DEFAULT_CALLBACK) -> None:
         super().__init__()
         self._target = target
         self._hash = xxhash.xxh3_128()
+        self._callback = callback
         self.size = 0
 
     def writable(self) -> bool:
@@ -42,6 +47,7 @@ class ChecksumWriter(io.RawIOBase):
         self._hash.update(view)
         self._target.write(view)
         self.size += view.nbytes
+        self._callback.relative_update(view.nbytes)
         return view.nbytes
 
     def flush(self) -> None:
@@ -56,14 +62,20 @@ def checksum_of(data: bytes | memoryview) -> str:
     return f"{ALGORITHM}:{xxhash.xxh3_128_hexdigest(data)}"
 
 
-def write_stream(storage: Storage, rel: str, produce: Callable[[IO[bytes]], None], entry_path: str) -> FileEntry:
+def write_stream(
+    storage: Storage,
+    rel: str,
+    produce: Callable[[IO[bytes]], None],
+    entry_path: str,
+    callback: Callback = DEFAULT_CALLBACK,
+) -> FileEntry:
     """Let ``produce`` write a payload file (e.g. ``torch.save``), hashing as it goes.
 
     A retried write starts over with a fresh hash.
     """
 
     def attempt(target: IO[bytes]) -> ChecksumWriter:
-        writer = ChecksumWriter(target)
+        writer = ChecksumWriter(target, callback)
         produce(writer)  # type: ignore[arg-type]
         writer.flush()
         return writer
@@ -72,14 +84,16 @@ def write_stream(storage: Storage, rel: str, produce: Callable[[IO[bytes]], None
     return FileEntry(entry_path, writer.size, writer.checksum)
 
 
-def upload_file(storage: Storage, local_path: str, rel: str, entry_path: str) -> FileEntry:
+def upload_file(
+    storage: Storage, local_path: str, rel: str, entry_path: str, callback: Callback = DEFAULT_CALLBACK
+) -> FileEntry:
     """Copy one local file into storage, hashing it in the same pass."""
 
     def copy(writer: IO[bytes]) -> None:
         with open(local_path, "rb") as source:
             shutil.copyfileobj(source, writer, CHUNK)
 
-    return write_stream(storage, rel, copy, entry_path)
+    return write_stream(storage, rel, copy, entry_path, callback)
 
 
 def local_files(local_dir: str) -> list[str]:
@@ -137,7 +151,9 @@ def _check(storage: Storage, rel: str, entry: FileEntry, size: int, actual: str)
         raise _mismatch(storage, rel, "checksum", entry.checksum, actual)
 
 
-def download_verified(storage: Storage, rel: str, entry: FileEntry, local_path: str | None) -> None:
+def download_verified(
+    storage: Storage, rel: str, entry: FileEntry, local_path: str | None, callback: Callback = DEFAULT_CALLBACK
+) -> None:
     """Stream a payload file to ``local_path`` (or just through the hash when None) and verify it."""
     if local_path is not None:
         os.makedirs(os.path.dirname(local_path) or ".", exist_ok=True)
@@ -149,6 +165,7 @@ def download_verified(storage: Storage, rel: str, entry: FileEntry, local_path: 
             while chunk := source.read(CHUNK):
                 digest.update(chunk)
                 size += len(chunk)
+                callback.relative_update(len(chunk))
                 if sink is not None:
                     sink.write(chunk)
         return size, f"{ALGORITHM}:{digest.hexdigest()}"
@@ -158,3 +175,39 @@ def download_verified(storage: Storage, rel: str, entry: FileEntry, local_path: 
     except FileNotFoundError as exc:
         raise _missing(storage, rel) from exc
     _check(storage, rel, entry, size, actual)
+
+
+class Transfers:
+    """Bounded-parallel file transfers with progress: the settings a manager applies to every copy.
+
+    Threads give parallelism on every backend: local copies release the GIL in
+    I/O, and async filesystems (s3fs, gcsfs) run the threads' requests
+    concurrently on fsspec's event loop.
+    """
+
+    def __init__(self, max_concurrency: int, progress: bool | None) -> None:
+        self.max_concurrency = max_concurrency
+        self.progress = Progress(progress)
+
+    def write(self, storage: Storage, rel: str, produce: Callable[[IO[bytes]], None], entry_path: str) -> FileEntry:
+        with self.progress.bar(f"save {rel}", None) as callback:
+            return write_stream(storage, rel, produce, entry_path, callback)
+
+    def upload_files(self, storage: Storage, items: Sequence[tuple[str, str, str]]) -> tuple[FileEntry, ...]:
+        """Upload ``(local_path, rel, entry_path)`` items concurrently; entries come back in the given order."""
+        total = sum(os.path.getsize(local) for local, _, _ in items)
+        with self.progress.bar(f"upload {len(items)} files", total) as callback:
+            return tuple(self.run_each(lambda item: upload_file(storage, *item, callback), items))
+
+    def download_files(self, storage: Storage, items: Sequence[tuple[str, FileEntry, str | None]]) -> None:
+        """Download and verify ``(rel, entry, local_path or None)`` items concurrently."""
+        total = sum(entry.size for _, entry, _ in items)
+        with self.progress.bar(f"download {len(items)} files", total) as callback:
+            self.run_each(lambda item: download_verified(storage, *item, callback), items)
+
+    def run_each(self, work: Callable[[T], R], items: Sequence[T]) -> list[R]:
+        """``work`` on every item with at most ``max_concurrency`` at once; results in order."""
+        if len(items) <= 1 or self.max_concurrency == 1:
+            return [work(item) for item in items]
+        with ThreadPoolExecutor(min(self.max_concurrency, len(items)), thread_name_prefix="ckptman-transfer") as pool:
+            return list(pool.map(work, items))

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from ckptman import transfer
 from ckptman.errors import CorruptCheckpointError
-from ckptman.manifest import Manifest
+from ckptman.manifest import FileEntry, Manifest
 from ckptman.storage import Storage
 
 
@@ -48,12 +48,15 @@ class VerifyReport:
         return out
 
 
-def check(storage: Storage, manifest: Manifest) -> CheckResult:
-    """Stream every payload file through its checksum; every mismatch or missing file is a problem."""
-    problems = []
-    for entry in manifest.files:
+def check(transfers: transfer.Transfers, storage: Storage, manifest: Manifest) -> CheckResult:
+    """Stream every payload file through its checksum (concurrently); every mismatch or missing file is a problem."""
+    problems: list[str] = []
+
+    def one(entry: FileEntry) -> None:
         try:
             transfer.download_verified(storage, f"{manifest.name}/{entry.path}", entry, None)
         except CorruptCheckpointError as exc:
             problems.append(str(exc))
-    return CheckResult(manifest.name, manifest.step, tuple(problems))
+
+    transfers.run_each(one, manifest.files)
+    return CheckResult(manifest.name, manifest.step, tuple(sorted(problems)))

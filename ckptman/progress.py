@@ -1,0 +1,78 @@
+"""Transfer progress through fsspec's callback mechanism: a tqdm bar on a terminal, and logging.
+
+Transfers take a callback object, never ``None``: with progress off it is
+fsspec's no-op callback (a null object), so the byte-moving code has no
+branches for it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+import threading
+import time
+from typing import Any, Iterator
+
+from fsspec.callbacks import DEFAULT_CALLBACK, Callback, TqdmCallback
+
+logger = logging.getLogger("ckptman")
+
+__all__ = ["DEFAULT_CALLBACK", "Callback", "Progress"]
+
+LONG_TRANSFER = 64 * 1024 * 1024  # smaller transfers are not worth a bar or a log line
+
+
+class _Reporter(Callback):
+    """Counts bytes from several transfer threads; forwards them to tqdm and logs every quarter."""
+
+    def __init__(self, description: str, total: int | None, bar: Callback) -> None:
+        super().__init__(size=total)
+        self._description = description
+        self._bar = bar
+        self._lock = threading.Lock()
+        self._logged_quarter = 0
+        self._start = time.monotonic()
+
+    def relative_update(self, inc: int = 1) -> None:
+        with self._lock:
+            self.value += inc
+            self._bar.relative_update(inc)
+            if self.size and self.size >= LONG_TRANSFER:
+                quarter = 4 * self.value // self.size
+                if quarter > self._logged_quarter:
+                    self._logged_quarter = quarter
+                    logger.info("%s: %d%% of %d MiB", self._description, 25 * quarter, self.size >> 20)
+
+    def finish(self) -> None:
+        if self.value >= LONG_TRANSFER:
+            seconds = time.monotonic() - self._start
+            logger.info("%s: %d MiB in %.1fs", self._description, self.value >> 20, seconds)
+
+
+class Progress:
+    """Whether to show bars: ``None`` means only when stderr is a terminal."""
+
+    def __init__(self, enabled: bool | None) -> None:
+        if enabled is not None and not isinstance(enabled, bool):
+            raise TypeError(f"progress must be True, False or None (auto), got {enabled!r}")
+        self.enabled = enabled
+
+    def _show_bar(self, total: int | None) -> bool:
+        wanted = sys.stderr.isatty() if self.enabled is None else self.enabled
+        return wanted and (total is None or total >= LONG_TRANSFER or self.enabled is True)
+
+    @contextlib.contextmanager
+    def bar(self, description: str, total: int | None) -> Iterator[Callback]:
+        bar: Any = DEFAULT_CALLBACK
+        if self._show_bar(total):
+            kwargs = {"desc": description, "unit": "B", "unit_scale": True, "unit_divisor": 1024, "leave": False}
+            bar = TqdmCallback(tqdm_kwargs=kwargs)
+            bar.size = total  # TqdmCallback hands its size to tqdm as the total
+        reporter = _Reporter(description, total, bar)
+        try:
+            yield reporter
+            reporter.finish()
+        finally:
+            if bar is not DEFAULT_CALLBACK:
+                bar.close()
