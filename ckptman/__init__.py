@@ -20,7 +20,8 @@ from ckptman.errors import (
     UnsupportedProtocolError,
 )
 from ckptman.lease import LeaseWarning
-from ckptman.manager import CheckpointManager, CheckpointWarning
+from ckptman.errors import CheckpointWarning
+from ckptman.manager import CheckpointManager
 from ckptman.retry import RetryPolicy
 
 __version__ = "0.1.0"

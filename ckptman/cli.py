@@ -20,7 +20,8 @@ from typing import Any, Callable, Iterator, Mapping, Sequence, TextIO
 from ckptman import __version__, jsonfmt
 from ckptman.demo import METRIC, DemoResult, run_demo
 from ckptman.errors import CheckpointError
-from ckptman.manager import CheckpointManager, CheckpointWarning
+from ckptman.errors import CheckpointWarning
+from ckptman.manager import CheckpointManager
 from ckptman.record import CheckpointRecord
 from ckptman.policy import policy_from_config
 from ckptman.state import SIDECAR_NAME

@@ -24,6 +24,8 @@ from typing import Callable
 
 from ckptman.errors import ManifestError
 from ckptman.manifest import MANIFEST_NAME, Manifest
+from ckptman.naming import LATEST_NAME
+from ckptman.state import SIDECAR_NAME, SidecarState
 from ckptman.storage import Storage
 
 
@@ -88,3 +90,27 @@ def uncommit(storage: Storage, name: str) -> None:
 def discard(storage: Storage, name: str) -> None:
     """Remove an uncommitted folder (a failed or abandoned save)."""
     storage.remove(name, recursive=True)
+
+
+def write_sidecar(storage: Storage, state: SidecarState) -> None:
+    storage.write_atomic(SIDECAR_NAME, state.to_bytes())
+
+
+def read_sidecar(storage: Storage) -> SidecarState:
+    """The stored sidecar; FileNotFoundError when absent, ManifestError when unreadable."""
+    return SidecarState.from_bytes(storage.read_bytes(SIDECAR_NAME), f"{storage.url}/{SIDECAR_NAME}")
+
+
+def write_latest(storage: Storage, name: str | None) -> None:
+    """Point ``latest`` (what DeepSpeed's load_checkpoint reads) at a committed folder, or remove it."""
+    if name is None:
+        storage.remove(LATEST_NAME)
+    else:
+        storage.write_atomic(LATEST_NAME, name.encode())
+
+
+def read_latest(storage: Storage) -> str | None:
+    try:
+        return storage.read_bytes(LATEST_NAME).decode().strip()
+    except (FileNotFoundError, UnicodeDecodeError):
+        return None

@@ -1,4 +1,4 @@
-"""Typed errors: every failure a caller can act on has its own class.
+"""Typed errors and warnings: every failure a caller can act on has its own class.
 
 Each class also derives from the closest built-in (``ValueError``,
 ``LookupError``, ...) so code written against the standard library's
@@ -74,3 +74,7 @@ class DirectoryLockedError(CheckpointError):
 
 class LeaseLostError(DirectoryLockedError):
     """This manager's lease was taken over by another writer; it writes nothing more."""
+
+
+class CheckpointWarning(UserWarning):
+    """Something on storage needed repair (stale sidecar, leftovers, a skipped checkpoint); nothing committed was lost."""

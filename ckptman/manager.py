@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import numbers
-import operator
 import os
-import pickle
 import shutil
 import tempfile
 import time
@@ -23,27 +20,26 @@ from typing import Any, Callable, Iterator, Mapping, Sequence, TypeVar
 
 import torch
 
-from ckptman import commit, jsonfmt, transfer, verify
+from ckptman import commit, restore, transfer, verify
 from ckptman.background import BackgroundWriter, snapshot
 from ckptman.errors import (
     CheckpointError,
     CheckpointNotFoundError,
-    CorruptCheckpointError,
+    CheckpointWarning,
     InvalidMetricError,
     InvalidStepError,
     ManagerClosedError,
     ManifestError,
     ReadOnlyError,
     StepExistsError,
-    UnsafeCheckpointError,
 )
 from ckptman.lease import Lease
-from ckptman.manifest import MANIFEST_NAME, FileEntry, Manifest
-from ckptman.naming import LATEST_NAME, MAX_STEP, NameFormat
+from ckptman.manifest import MANIFEST_NAME, Manifest
+from ckptman.naming import NameFormat, check_step
 from ckptman.policy import build_policy
 from ckptman.policy.best import coerce_metrics, top_k
 from ckptman.policy.save import require_int
-from ckptman.record import CheckpointKind, CheckpointRecord
+from ckptman.record import CheckpointRecord
 from ckptman.retry import RetryPolicy
 from ckptman.state import SIDECAR_NAME, SidecarState
 from ckptman.storage import Storage
@@ -56,23 +52,6 @@ T = TypeVar("T")
 STATE_FILE = "state.pt"
 _FALLBACK = "the state is rebuilt from the manifests (a writable manager rewrites the sidecar); nothing is deleted"
 RESUMED = "resumed from"
-
-
-class CheckpointWarning(UserWarning):
-    """Something on storage needed repair (stale sidecar, leftovers); nothing committed was lost."""
-
-
-def check_step(step: object) -> int:
-    """A step as a plain int in [0, 2**63); bools and floats are rejected, numpy ints accepted."""
-    if type(step) is int:
-        value = step
-    elif isinstance(step, bool) or not isinstance(step, numbers.Integral):
-        raise InvalidStepError(f"step must be a non-negative int, got {step!r} ({type(step).__name__})")
-    else:
-        value = operator.index(step)
-    if not 0 <= value <= MAX_STEP:
-        raise InvalidStepError(f"step must be an int in [0, 2**63), got {value}")
-    return value
 
 
 class CheckpointManager:
@@ -268,8 +247,8 @@ class CheckpointManager:
                     f"checkpoint {manifest.name} is a directory checkpoint; use restore_directory({manifest.step})"
                 )
             rel = f"{manifest.name}/{STATE_FILE}"
-            with transfer.verified_local_copy(self._storage, rel, _entry(manifest, STATE_FILE)) as path:
-                return _load_state(manifest, path, map_location, weights_only)
+            with transfer.verified_local_copy(self._storage, rel, restore.entry(manifest, STATE_FILE)) as path:
+                return restore.load_state(manifest, path, map_location, weights_only)
 
         return self._first_verified(step, load)[1]
 
@@ -423,44 +402,17 @@ class CheckpointManager:
     def _first_verified(self, step: int | None, load: Callable[[Manifest], T]) -> tuple[Manifest, T]:
         """``load`` the asked-for checkpoint; for the latest, fall back past corrupted ones with a warning."""
         self._check_open()
-        if step is not None:
-            manifest = self._manifest(step)
-            result = self._load_listed(manifest, load)
-        else:
-            manifest, result = self._newest_loadable(load)
+        newest_first = [self._manifests[s] for s in sorted(self._manifests, reverse=True)]
+        candidates = [self._manifest(step)] if step is not None else newest_first or [self._manifest(None)]
+
+        def still_committed(manifest: Manifest) -> bool:
+            return self._storage.exists(commit.manifest_path(manifest.name))
+
+        manifest, result = restore.first_loadable(
+            candidates, load, still_committed, fall_back=step is None, directory=self.directory
+        )
         self._pinned = {manifest.step: RESUMED}
         return manifest, result
-
-    def _newest_loadable(self, load: Callable[[Manifest], T]) -> tuple[Manifest, T]:
-        self._manifest(None)  # raises CheckpointNotFoundError when there is none
-        skipped: list[str] = []
-        for step in sorted(self._manifests, reverse=True):
-            manifest = self._manifests[step]
-            try:
-                result = self._load_listed(manifest, load)
-            except (CorruptCheckpointError, CheckpointNotFoundError) as exc:
-                skipped.append(f"{manifest.name}: {exc}")
-                continue
-            if skipped:
-                warnings.warn(
-                    f"restored {manifest.name} instead of newer checkpoints that failed verification: {'; '.join(skipped)}",
-                    CheckpointWarning,
-                    stacklevel=4,
-                )
-            return manifest, result
-        raise CorruptCheckpointError(f"no committed checkpoint in {self.directory} verifies: {'; '.join(skipped)}")
-
-    def _load_listed(self, manifest: Manifest, load: Callable[[Manifest], T]) -> T:
-        """``load``, telling a checkpoint deleted since the listing (by its writer) apart from a corrupted one."""
-        try:
-            return load(manifest)
-        except CorruptCheckpointError:
-            if self._storage.exists(commit.manifest_path(manifest.name)):
-                raise
-            raise CheckpointNotFoundError(
-                f"checkpoint {manifest.name} was deleted since this manager listed {self.directory} "
-                "(rotated out by its writer?); call refresh() to see the current checkpoints"
-            ) from None
 
     def _check_open(self) -> None:
         if self._closed:
@@ -583,20 +535,17 @@ class CheckpointManager:
 
     def _write_sidecar(self) -> None:
         state = self._sidecar()
-        self._storage.write_atomic(SIDECAR_NAME, state.to_bytes())
+        commit.write_sidecar(self._storage, state)
         self._stored = state
 
     def _write_latest(self) -> None:
         latest = self.latest_step()
-        if latest is None:
-            self._storage.remove(LATEST_NAME)
-        else:
-            self._storage.write_atomic(LATEST_NAME, self._manifests[latest].name.encode())
+        commit.write_latest(self._storage, None if latest is None else self._manifests[latest].name)
 
     def _read_sidecar(self) -> SidecarState | None:
         source = f"{self.directory}/{SIDECAR_NAME}"
         try:
-            return SidecarState.from_bytes(self._storage.read_bytes(SIDECAR_NAME), source)
+            return commit.read_sidecar(self._storage)
         except FileNotFoundError:
             if self._manifests:
                 warnings.warn(f"{source} is missing; {_FALLBACK}", CheckpointWarning, stacklevel=4)
@@ -609,45 +558,10 @@ class CheckpointManager:
         stored, current = self._stored, self._sidecar()
         if stored is None and not self._manifests:
             return
-        if stored is not None and _same_checkpoints(stored, current):
-            if stored.latest == current.latest and self._latest_file() == current.latest:
+        if stored is not None and stored.same_checkpoints(current):
+            if stored.latest == current.latest and commit.read_latest(self._storage) == current.latest:
                 return
         elif stored is not None:
             logger.warning("%s/%s was out of date with the manifests (interrupted save?); rebuilt", self.directory, SIDECAR_NAME)
         self._write_latest()
         self._write_sidecar()
-
-    def _latest_file(self) -> str | None:
-        try:
-            return self._storage.read_bytes(LATEST_NAME).decode().strip()
-        except (FileNotFoundError, UnicodeDecodeError):
-            return None
-
-
-def _load_state(manifest: Manifest, path: str, map_location: Any, weights_only: bool) -> Any:
-    """``torch.load`` of a verified file, memory-mapped: its pages were just read by the checksum pass."""
-    try:
-        return torch.load(path, map_location=map_location, weights_only=weights_only, mmap=True)
-    except pickle.UnpicklingError as exc:
-        if not weights_only:
-            raise
-        raise UnsafeCheckpointError(
-            f"checkpoint {manifest.name} holds objects that weights_only=True refuses to load ({exc}). "
-            "Save only tensors and plain containers, or pass weights_only=False if you trust this checkpoint: "
-            "unpickling can run arbitrary code"
-        ) from exc
-
-
-def _entry(manifest: Manifest, path: str) -> FileEntry:
-    for entry in manifest.files:
-        if entry.path == path:
-            return entry
-    raise ManifestError(f"checkpoint {manifest.name} has no {path} in its manifest; it is incomplete or corrupted")
-
-
-def _same_checkpoints(a: SidecarState, b: SidecarState) -> bool:
-    def key(state: SidecarState) -> list[tuple[int, str, CheckpointKind, dict[str, float | str]]]:
-        # Compared in their JSON form so NaN equals NaN.
-        return sorted((r.step, r.name, r.kind, jsonfmt.encode_metrics(r.metrics)) for r in state.checkpoints)
-
-    return key(a) == key(b)

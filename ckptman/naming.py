@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import numbers
+import operator
 import re
 import string
 from dataclasses import dataclass, field
 
-from ckptman.errors import PolicyConfigError
+from ckptman.errors import InvalidStepError, PolicyConfigError
 from ckptman.lease import LEASE_NAME
 from ckptman.manifest import MANIFEST_NAME
 from ckptman.state import SIDECAR_NAME
@@ -14,6 +16,19 @@ from ckptman.state import SIDECAR_NAME
 LATEST_NAME = "latest"
 RESERVED = frozenset({LATEST_NAME, SIDECAR_NAME, MANIFEST_NAME, LEASE_NAME})
 MAX_STEP = 2**63 - 1  # steps must fit int64 for every JSON reader and for torch.distributed
+
+
+def check_step(step: object) -> int:
+    """A step as a plain int in [0, 2**63); bools and floats are rejected, numpy ints accepted."""
+    if type(step) is int:
+        value = step
+    elif isinstance(step, bool) or not isinstance(step, numbers.Integral):
+        raise InvalidStepError(f"step must be a non-negative int, got {step!r} ({type(step).__name__})")
+    else:
+        value = operator.index(step)
+    if not 0 <= value <= MAX_STEP:
+        raise InvalidStepError(f"step must be an int in [0, 2**63), got {value}")
+    return value
 
 
 @dataclass(frozen=True)

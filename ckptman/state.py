@@ -61,6 +61,14 @@ class SidecarState:
     def to_bytes(self) -> bytes:
         return jsonfmt.dumps(self.to_dict())
 
+    def same_checkpoints(self, other: SidecarState) -> bool:
+        """The same steps, names, kinds and metrics (compared as JSON, so NaN equals NaN)."""
+
+        def key(state: SidecarState) -> list[tuple[int, str, str, dict[str, float | str]]]:
+            return sorted((r.step, r.name, r.kind, jsonfmt.encode_metrics(r.metrics)) for r in state.checkpoints)
+
+        return key(self) == key(other)
+
     @staticmethod
     def from_dict(document: Mapping[str, Any], source: str) -> SidecarState:
         jsonfmt.check_format(document, FORMAT, VERSION, source)
