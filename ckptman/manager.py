@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence, TypeVar
 
 import torch
 
-from ckptman import commit, restore, transfer, verify
+from ckptman import commit, distributed, restore, transfer, verify
 from ckptman.background import BackgroundWriter, snapshot
 from ckptman.errors import (
     CheckpointError,
@@ -34,12 +34,12 @@ from ckptman.errors import (
     StepExistsError,
 )
 from ckptman.lease import Lease
-from ckptman.manifest import MANIFEST_NAME, Manifest
+from ckptman.manifest import MANIFEST_NAME, FileEntry, Manifest
 from ckptman.naming import NameFormat, check_step
 from ckptman.policy import build_policy
 from ckptman.policy.best import coerce_metrics, top_k
 from ckptman.policy.save import require_int
-from ckptman.record import CheckpointRecord
+from ckptman.record import CheckpointKind, CheckpointRecord
 from ckptman.retry import RetryPolicy
 from ckptman.state import SIDECAR_NAME, SidecarState
 from ckptman.storage import Storage
@@ -79,6 +79,7 @@ class CheckpointManager:
         async_save: bool = False,
         max_concurrency: int = 8,
         progress: bool | None = None,
+        process_group: Any = None,
     ) -> None:
         self._policy = build_policy(
             save_interval_steps=save_interval_steps,
@@ -99,19 +100,27 @@ class CheckpointManager:
         self._stored: SidecarState | None = None
         self._storage = Storage(directory, storage_options, retry)
         self._background = BackgroundWriter(bool(async_save))
+        # Decisions on the caller's thread and background saves each get their own group,
+        # so their collectives never interleave.
+        self._control = distributed.coordinator(process_group)
+        self._data = distributed.coordinator(process_group) if async_save else self._control
         self._lease: Lease | None = None
         if not self._read_only:
-            self._storage.ensure_directory()
-            lease = Lease(self._storage, lease_timeout)
-            lease.acquire()
-            self._lease = lease
-            # Released on close(), on garbage collection and at interpreter exit.
-            self._release = weakref.finalize(self, lease.release_from_finalizer)
+            distributed.on_coordinator(self._control, lambda: self._take_lease(lease_timeout))
         try:
             self.refresh()
         except BaseException:
             self.close()
             raise
+
+    def _take_lease(self, timeout: float) -> None:
+        """Rank 0 alone holds the directory's lease, for the whole job."""
+        self._storage.ensure_directory()
+        lease = Lease(self._storage, timeout)
+        lease.acquire()
+        self._lease = lease
+        # Released on close(), on garbage collection and at interpreter exit.
+        self._release = weakref.finalize(self, lease.release_from_finalizer)
 
     def __repr__(self) -> str:
         return f"CheckpointManager({self._storage.url!r}, steps={self.all_steps()}, read_only={self._read_only})"
@@ -159,20 +168,21 @@ class CheckpointManager:
         ``async_save=True``, snapshotted and handed to the background writer
         (its errors are raised by the manager's next call).
         """
-        step, values = self._check_save(step, metrics)
-        if not (force or self._wants(step, values)):
+        step, values, wanted = self._decide(step, metrics, force)
+        if not wanted:
             return False
         payload = snapshot(state) if self._background.enabled else state
 
-        def write() -> None:
-            name = self._prepare_folder(step)
-            with self._discard_on_error(name):
-                entry = self._transfers.write(
-                    self._storage, f"{name}/{STATE_FILE}", lambda f: torch.save(payload, f), STATE_FILE
-                )
-                self._commit(Manifest(step, name, "state", time.time(), (entry,), values))
+        def write_state(name: str) -> list[FileEntry]:
+            """A plain save holds replicated state (as under DDP): rank 0 writes it."""
+            if not self._data.is_coordinator:
+                return []
+            rel = f"{name}/{STATE_FILE}"
+            return [self._transfers.write(self._storage, rel, lambda f: torch.save(payload, f), STATE_FILE)]
 
-        self._background.submit(write, CheckpointRecord(step, self._names(step), values))
+        self._background.submit(
+            lambda: self._save_collectively(step, "state", values, write_state), CheckpointRecord(step, self._names(step), values)
+        )
         return True
 
     @contextlib.contextmanager
@@ -186,8 +196,8 @@ class CheckpointManager:
         propagates. With ``async_save=True`` the files are uploaded and
         committed in the background after the block.
         """
-        step, values = self._check_save(step, metrics)
-        if not (force or self._wants(step, values)):
+        step, values, wanted = self._decide(step, metrics, force)
+        if not wanted:
             yield None
             return
         staging = tempfile.mkdtemp(prefix=f"ckptman-{step}-")
@@ -198,13 +208,20 @@ class CheckpointManager:
             shutil.rmtree(staging, ignore_errors=True)
             raise
 
-        def upload() -> None:
+        def upload(name: str) -> tuple[FileEntry, ...]:
+            files = transfer.local_files(staging)
+            if MANIFEST_NAME in files:
+                raise CheckpointError(f"save_directory({step}) wrote {MANIFEST_NAME}, a name ckptman reserves; rename it")
+            items = [(os.path.join(staging, path), f"{name}/{path}", path) for path in files]
+            return self._transfers.upload_files(self._storage, items)
+
+        def save() -> None:
             try:
-                self._commit_local_folder(step, staging, values)
+                self._save_collectively(step, "directory", values, upload)
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
 
-        self._background.submit(upload, CheckpointRecord(step, self._names(step), values))
+        self._background.submit(save, CheckpointRecord(step, self._names(step), values))
 
     def report(self, step: int, metrics: Mapping[str, object]) -> None:
         """Metrics for an already committed step (evaluation after the save); retention re-runs."""
@@ -213,23 +230,34 @@ class CheckpointManager:
         values = coerce_metrics(metrics)
         if not values:
             raise InvalidMetricError("report() needs at least one metric, e.g. {'val/loss': 0.25}")
+        values = self._control.broadcast(values)  # rank 0's evaluation counts on every rank
         manifest = self._manifest(check_step(step)).with_metrics(values)
-        self._check_lease()
-        commit.rewrite(self._storage, manifest)
-        self._put(manifest)
-        self._apply_retention()
+
+        def rewrite() -> dict[int, Manifest]:
+            self._check_lease()
+            commit.rewrite(self._storage, manifest)
+            self._put(manifest)
+            self._apply_retention()
+            return self._manifests
+
+        self._manifests = distributed.on_coordinator(self._control, rewrite)
 
     def delete(self, step: int) -> None:
         """Delete one committed checkpoint (manifest first)."""
         self._check_writable()
         self._background.wait()
         manifest = self._manifest(check_step(step))
-        self._check_lease()
-        commit.uncommit(self._storage, manifest.name)
-        self._drop(manifest.step)
+
+        def remove() -> dict[int, Manifest]:
+            self._check_lease()
+            commit.uncommit(self._storage, manifest.name)
+            self._drop(manifest.step)
+            self._write_latest()
+            self._write_sidecar()
+            return self._manifests
+
+        self._manifests = distributed.on_coordinator(self._control, remove)
         self._pinned.pop(manifest.step, None)
-        self._write_latest()
-        self._write_sidecar()
 
     # -- restoring ------------------------------------------------------------
     def restore(self, step: int | None = None, *, map_location: Any = "cpu", weights_only: bool = True) -> Any:
@@ -304,6 +332,10 @@ class CheckpointManager:
         warning; nothing is ever deleted because of a state dict.
         """
         loaded = SidecarState.from_dict(state, "load_state_dict() argument")
+        self._background.wait()
+        self._manifests = distributed.on_coordinator(self._control, lambda: self._adopt(loaded))
+
+    def _adopt(self, loaded: SidecarState) -> dict[int, Manifest]:
         changed = False
         for record in loaded.checkpoints:
             manifest = self._manifests.get(record.step)
@@ -312,7 +344,7 @@ class CheckpointManager:
                     f"state dict lists checkpoint {record.name} (step {record.step}), which is not committed in "
                     f"{self.directory}; ignored",
                     CheckpointWarning,
-                    stacklevel=2,
+                    stacklevel=4,
                 )
                 continue
             missing = {k: v for k, v in record.metrics.items() if k not in manifest.metrics}
@@ -325,11 +357,16 @@ class CheckpointManager:
                 changed = True
         if changed:
             self._apply_retention()
+        return self._manifests
 
     def refresh(self) -> None:
         """Re-read the directory: manifests are the truth; repair leftovers and the sidecar if writable."""
         self._check_open()
         self._background.wait()
+        self._manifests, self._unreadable, self._stored = distributed.on_coordinator(self._control, self._scan)
+
+    def _scan(self) -> tuple[dict[int, Manifest], dict[str, str], SidecarState | None]:
+        """Rank 0's listing, handed to every rank; a writable manager also cleans up and repairs."""
         found = commit.scan(self._storage, self._names.matches)
         manifests: dict[int, Manifest] = {}
         for manifest in sorted(found.committed.values(), key=lambda m: (not self._names.matches(m.name), m.name)):
@@ -340,15 +377,15 @@ class CheckpointManager:
         self._manifests = manifests
         self._unreadable = found.unreadable
         for name, reason in found.unreadable.items():
-            warnings.warn(f"ignoring checkpoint folder {name}: {reason}", CheckpointWarning, stacklevel=3)
+            warnings.warn(f"ignoring checkpoint folder {name}: {reason}", CheckpointWarning, stacklevel=5)
         self._stored = self._read_sidecar()
-        if self._read_only:
-            return
-        for name in found.incomplete:
-            logger.warning("removing incomplete checkpoint folder %s/%s (no manifest: an interrupted save)", self.directory, name)
-            commit.discard(self._storage, name)
-        self._storage.remove_temporaries()
-        self._repair_sidecar()
+        if not self._read_only:
+            for name in found.incomplete:
+                logger.warning("removing incomplete checkpoint folder %s/%s (no manifest: an interrupted save)", self.directory, name)
+                commit.discard(self._storage, name)
+            self._storage.remove_temporaries()
+            self._repair_sidecar()
+        return self._manifests, self._unreadable, self._stored
 
     def stored_state(self) -> dict[str, Any] | None:
         """The sidecar as found on storage at the last refresh (None if missing or unreadable).
@@ -458,6 +495,14 @@ class CheckpointManager:
             )
         return step, values
 
+    def _decide(self, step: object, metrics: Mapping[str, object] | None, force: bool) -> tuple[int, dict[str, float], bool]:
+        """Validate a save and decide it; with metrics, rank 0's values and decision count on every rank."""
+        checked, values = self._check_save(step, metrics)
+        decision = (values, force or self._wants(checked, values))
+        if metrics is not None:
+            decision = self._control.broadcast(decision)
+        return checked, *decision
+
     def _wants(self, step: int, metrics: Mapping[str, float]) -> bool:
         """Decided against the committed checkpoints plus the one being written in the background."""
         inflight = self._background.inflight
@@ -485,18 +530,42 @@ class CheckpointManager:
                     commit.discard(self._storage, name)
             raise
 
-    def _commit_local_folder(self, step: int, staging: str, metrics: dict[str, float]) -> None:
-        files = transfer.local_files(staging)
-        if not files:
-            raise CheckpointError(f"save_directory({step}) wrote no files into {staging}; nothing was committed")
-        if MANIFEST_NAME in files:
-            raise CheckpointError(f"save_directory({step}) wrote {MANIFEST_NAME}, a name ckptman reserves; rename it")
-        name = self._prepare_folder(step)
-        with self._discard_on_error(name):
-            entries = self._transfers.upload_files(
-                self._storage, [(os.path.join(staging, path), f"{name}/{path}", path) for path in files]
-            )
-            self._commit(Manifest(step, name, "directory", time.time(), entries, metrics))
+    def _save_collectively(
+        self, step: int, kind: CheckpointKind, metrics: dict[str, float], write_own: Callable[[str], Sequence[FileEntry]]
+    ) -> None:
+        """The save sequence across ranks (see ckptman.commit): every rank writes its own files,
+        rank 0 gathers their entries and commits, or discards the folder if any rank failed."""
+        name = self._names(step)
+        distributed.on_coordinator(self._data, lambda: self._prepare_folder(step))
+        own: tuple[FileEntry, ...] = ()
+        failure: BaseException | None = None
+        try:
+            own = tuple(write_own(name))
+        except Exception as exc:  # noqa: BLE001 - every rank must reach the gather below
+            failure = exc
+        reports = self._data.gather((own, None if failure is None else distributed.portable(failure)))
+
+        def finish() -> dict[int, Manifest]:
+            with self._discard_on_error(name):
+                failed = [f"rank {rank}: {error[0]}: {error[1]}" for rank, (_, error) in enumerate(reports) if error]
+                if failed:
+                    raise CheckpointError(f"the save of step {step} failed, nothing was committed: {'; '.join(failed)}")
+                entries = tuple(entry for files, _ in reports for entry in files)
+                if not entries:
+                    raise CheckpointError(f"save_directory({step}) wrote no files; nothing was committed")
+                paths = [entry.path for entry in entries]
+                if len(set(paths)) != len(paths):
+                    raise CheckpointError(f"ranks wrote files with the same name into step {step}: {sorted(paths)}")
+                self._commit(Manifest(step, name, kind, time.time(), entries, metrics))
+            return self._manifests
+
+        try:
+            self._manifests = distributed.on_coordinator(self._data, finish)
+        except Exception:
+            if failure is not None:
+                raise failure from None  # the failing rank reports its own error
+            raise
+        self._pinned = {}  # on every rank, as rank 0 did in _commit
 
     def _commit(self, manifest: Manifest) -> None:
         self._check_lease()
