@@ -12,6 +12,7 @@ collectives on the default group.
 from __future__ import annotations
 
 import datetime
+import pickle
 from typing import Any, Callable, Protocol, TypeVar
 
 T = TypeVar("T")
@@ -124,6 +125,8 @@ def on_coordinator(ranks: Coordinator, work: Callable[[], T]) -> T:
     if ranks.is_coordinator:
         try:
             outcome = (work(), None)
+            if ranks.world_size > 1:
+                pickle.dumps(outcome)  # fail here, on rank 0, rather than leave the others waiting
         except Exception as exc:  # noqa: BLE001 - handed to every rank, then re-raised
             error = exc
             outcome = (None, portable(exc))

@@ -92,6 +92,10 @@ class Manifest:
     def __post_init__(self) -> None:
         object.__setattr__(self, "metrics", MappingProxyType(dict(self.metrics)))
 
+    def __reduce__(self) -> tuple[type, tuple[object, ...]]:
+        """Picklable (rank 0 hands manifests to the other ranks), although the metrics view is read-only."""
+        return (Manifest, (self.step, self.name, self.kind, self.created, self.files, dict(self.metrics)))
+
     @property
     def size(self) -> int:
         return sum(entry.size for entry in self.files)

@@ -27,6 +27,10 @@ class CheckpointRecord:
     def __post_init__(self) -> None:
         object.__setattr__(self, "metrics", MappingProxyType(dict(self.metrics)))
 
+    def __reduce__(self) -> tuple[type, tuple[object, ...]]:
+        """Picklable (ranks exchange records), although the metrics view is read-only."""
+        return (CheckpointRecord, (self.step, self.name, dict(self.metrics), self.created, self.size, self.kind))
+
     def with_metrics(self, metrics: Mapping[str, float]) -> CheckpointRecord:
         """A copy whose metrics are these merged over the existing ones."""
         return CheckpointRecord(
