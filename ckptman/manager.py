@@ -21,11 +21,13 @@ from typing import Any, Callable, Iterator, Mapping, Sequence, TypeVar
 import torch
 
 from ckptman import commit, distributed, restore, transfer, verify
+from ckptman import sharded as sharded_io
 from ckptman.background import BackgroundWriter, snapshot
 from ckptman.errors import (
     CheckpointError,
     CheckpointNotFoundError,
     CheckpointWarning,
+    CorruptCheckpointError,
     InvalidMetricError,
     InvalidStepError,
     ManagerClosedError,
@@ -98,6 +100,7 @@ class CheckpointManager:
         self._manifests: dict[int, Manifest] = {}
         self._unreadable: dict[str, str] = {}
         self._stored: SidecarState | None = None
+        self._storage_options = dict(storage_options or {})
         self._storage = Storage(directory, storage_options, retry)
         self._background = BackgroundWriter(bool(async_save))
         # Decisions on the caller's thread and background saves each get their own group,
@@ -161,12 +164,23 @@ class CheckpointManager:
         return self._manifest(step).record()
 
     # -- saving ---------------------------------------------------------------
-    def save(self, step: int, state: Any, *, metrics: Mapping[str, object] | None = None, force: bool = False) -> bool:
+    def save(
+        self,
+        step: int,
+        state: Any,
+        *,
+        metrics: Mapping[str, object] | None = None,
+        force: bool = False,
+        sharded: bool = False,
+    ) -> bool:
         """Save ``state`` (anything ``torch.save`` accepts) if forced, due, or a new best.
 
         Returns True when a checkpoint was written and committed, or, with
         ``async_save=True``, snapshotted and handed to the background writer
-        (its errors are raised by the manager's next call).
+        (its errors are raised by the manager's next call). In a distributed
+        run a plain save holds replicated state, written by rank 0; with
+        ``sharded=True`` every rank passes its own state dict (DTensor or
+        ShardedTensor shards) and it is written through torch.distributed.checkpoint.
         """
         step, values, wanted = self._decide(step, metrics, force)
         if not wanted:
@@ -180,8 +194,15 @@ class CheckpointManager:
             rel = f"{name}/{STATE_FILE}"
             return [self._transfers.write(self._storage, rel, lambda f: torch.save(payload, f), STATE_FILE)]
 
+        def write_shards(name: str) -> list[FileEntry]:
+            sharded_io.save(payload, self._folder_url(name), self._storage_options, self._data, self._storage.is_local)
+            stored = sharded_io.files_of_rank(self._storage.list_files(name), self._data.rank)
+            return [transfer.describe_stored(self._storage, f"{name}/{path}", path) for path in stored]
+
+        kind: CheckpointKind = "sharded" if sharded else "state"
+        writer = write_shards if sharded else write_state
         self._background.submit(
-            lambda: self._save_collectively(step, "state", values, write_state), CheckpointRecord(step, self._names(step), values)
+            lambda: self._save_collectively(step, kind, values, writer), CheckpointRecord(step, self._names(step), values, kind=kind)
         )
         return True
 
@@ -260,14 +281,27 @@ class CheckpointManager:
         self._pinned.pop(manifest.step, None)
 
     # -- restoring ------------------------------------------------------------
-    def restore(self, step: int | None = None, *, map_location: Any = "cpu", weights_only: bool = True) -> Any:
+    def restore(
+        self,
+        step: int | None = None,
+        *,
+        map_location: Any = "cpu",
+        weights_only: bool = True,
+        sharded: bool = False,
+        state: dict[str, Any] | None = None,
+    ) -> Any:
         """Load a committed state checkpoint (latest when ``step`` is None), verified against its manifest.
 
         With ``step=None`` a checkpoint that fails verification is skipped with
         a warning and the next newest is tried; an explicit step never falls back.
         ``weights_only=True`` (the default) refuses arbitrary pickled objects;
         pass False only for checkpoints you trust: unpickling can run code.
+        ``sharded=True`` loads a sharded checkpoint in place into ``state``
+        (every rank passes its own state dict; DCP reshards to this world size)
+        and returns it.
         """
+        if sharded:
+            return self._restore_sharded(step, state)
 
         def load(manifest: Manifest) -> Any:
             if manifest.kind != "state":
@@ -307,6 +341,26 @@ class CheckpointManager:
             return target
 
         return self._first_verified(step, fetch)[1]
+
+    def _restore_sharded(self, step: int | None, state: dict[str, Any] | None) -> dict[str, Any]:
+        if not isinstance(state, dict):
+            raise TypeError("restore(sharded=True) loads in place: pass state=<the state dict to fill>, e.g. model.state_dict()")
+
+        def load(manifest: Manifest) -> dict[str, Any]:
+            if manifest.kind != "sharded":
+                raise CheckpointError(f"checkpoint {manifest.name} is a {manifest.kind} checkpoint, not sharded; restore it without sharded=True")
+            # Each rank checks a share of the files; all ranks see every failure, so all decide alike.
+            mine = manifest.files[self._control.rank :: self._control.world_size]
+            problems = [p for share in self._control.all_gather(verify.check_files(self._transfers, self._storage, manifest, mine)) for p in share]
+            if problems:
+                raise CorruptCheckpointError("; ".join(problems))
+            sharded_io.load(state, self._folder_url(manifest.name), self._storage_options, self._control)
+            return state
+
+        return self._first_verified(step, load)[1]
+
+    def _folder_url(self, name: str) -> str:
+        return f"{self._storage.url}/{name}"
 
     def verify(self, step: int | None = None) -> VerifyReport:
         """Check sizes and checksums of one or all committed checkpoints, without loading tensors.

@@ -31,7 +31,7 @@ MANIFEST_NAME = "ckptman-manifest.json"
 FORMAT = "ckptman/manifest"
 VERSION = 1
 CHECKSUM_ALGORITHMS = ("xxh3_128",)
-KINDS: tuple[CheckpointKind, ...] = ("state", "directory")
+KINDS: tuple[CheckpointKind, ...] = ("state", "directory", "sharded")
 
 
 def check_relative_path(path: object, source: str) -> str:

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Literal, Mapping
 
-CheckpointKind = Literal["state", "directory"]
+CheckpointKind = Literal["state", "directory", "sharded"]
 
 
 @dataclass(frozen=True)

@@ -161,6 +161,21 @@ class Storage:
             if entry.get("type") == "directory" and entry["name"].rstrip("/") != self.root
         )
 
+    def list_files(self, rel: str) -> list[str]:
+        """Every file below a folder, as sorted paths relative to it, read fresh (no cached listing)."""
+        base = self.path(rel)
+
+        def listing() -> list[str]:
+            self.fs.invalidate_cache(base)
+            try:
+                return self.fs.find(base)
+            except FileNotFoundError:
+                return []
+
+        prefix = self.fs._strip_protocol(base).rstrip("/") + "/"
+        found = (self.fs._strip_protocol(path) for path in self._guard("list", rel, listing))
+        return sorted(path[len(prefix) :] for path in found if path.startswith(prefix))
+
     def local_path(self, rel: str) -> str | None:
         """The real path on local disk, or None when the directory is not local."""
         return self.path(rel) if self.is_local else None

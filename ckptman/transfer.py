@@ -126,6 +126,24 @@ def checksum_local_file(path: str) -> tuple[int, str]:
             return size, checksum_of(memoryview(mapped))
 
 
+def describe_stored(storage: Storage, rel: str, entry_path: str) -> FileEntry:
+    """The manifest entry of a file another writer (DCP) already stored: one read pass to checksum it."""
+    local = storage.local_path(rel)
+    if local is not None:
+        size, checksum = checksum_local_file(local)
+        return FileEntry(entry_path, size, checksum)
+
+    def consume(source: IO[bytes]) -> FileEntry:
+        digest = xxhash.xxh3_128()
+        size = 0
+        while chunk := source.read(CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+        return FileEntry(entry_path, size, f"{ALGORITHM}:{digest.hexdigest()}")
+
+    return storage.read_file(rel, consume)
+
+
 @contextlib.contextmanager
 def verified_local_copy(storage: Storage, rel: str, entry: FileEntry) -> Iterator[str]:
     """A verified local path for a payload file: the file itself on local disk, else a temporary download."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Sequence
 
 from ckptman import transfer
 from ckptman.errors import CorruptCheckpointError
@@ -48,8 +49,11 @@ class VerifyReport:
         return out
 
 
-def check(transfers: transfer.Transfers, storage: Storage, manifest: Manifest) -> CheckResult:
-    """Stream every payload file through its checksum (concurrently); every mismatch or missing file is a problem."""
+def check_files(transfers: transfer.Transfers, storage: Storage, manifest: Manifest, entries: Sequence[FileEntry]) -> list[str]:
+    """Stream files of a checkpoint through their checksums (concurrently); what is wrong with them.
+
+    Called with all files, or with one rank's share in a distributed check.
+    """
     problems: list[str] = []
 
     def one(entry: FileEntry) -> None:
@@ -58,5 +62,10 @@ def check(transfers: transfer.Transfers, storage: Storage, manifest: Manifest) -
         except CorruptCheckpointError as exc:
             problems.append(str(exc))
 
-    transfers.run_each(one, manifest.files)
-    return CheckResult(manifest.name, manifest.step, tuple(sorted(problems)))
+    transfers.run_each(one, entries)
+    return sorted(problems)
+
+
+def check(transfers: transfer.Transfers, storage: Storage, manifest: Manifest) -> CheckResult:
+    """Every payload file against its manifest entry; every mismatch or missing file is a problem."""
+    return CheckResult(manifest.name, manifest.step, tuple(check_files(transfers, storage, manifest, manifest.files)))
