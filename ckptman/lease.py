@@ -185,7 +185,7 @@ class Lease:
 
 def _read(storage: Storage) -> Holder | None:
     try:
-        data = storage.read_bytes(LEASE_NAME)
+        data = storage.read_small(LEASE_NAME)
     except FileNotFoundError:
         return None
     return Holder.from_bytes(data) or Holder(UNREADABLE, "?", 0, 0.0, 0.0)

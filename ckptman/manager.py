@@ -22,7 +22,7 @@ import torch
 
 from ckptman import commit, distributed, restore, transfer, verify
 from ckptman import sharded as sharded_io
-from ckptman.background import BackgroundWriter, snapshot
+from ckptman.background import BackgroundWriter, Snapshotter
 from ckptman.errors import (
     CheckpointError,
     CheckpointNotFoundError,
@@ -103,6 +103,8 @@ class CheckpointManager:
         self._storage_options = dict(storage_options or {})
         self._storage = Storage(directory, storage_options, retry)
         self._background = BackgroundWriter(bool(async_save))
+        self._snapshots = Snapshotter()
+        self._leftovers: set[str] = set()  # folders of failed saves whose cleanup failed too
         # Decisions on the caller's thread and background saves each get their own group,
         # so their collectives never interleave.
         self._control = distributed.coordinator(process_group)
@@ -185,7 +187,10 @@ class CheckpointManager:
         step, values, wanted = self._decide(step, metrics, force)
         if not wanted:
             return False
-        payload = snapshot(state) if self._background.enabled else state
+        payload = state
+        if self._background.enabled:
+            self._background.wait()  # one save in flight; its buffers are free again
+            payload = self._snapshots.take(state)
 
         def write_state(name: str) -> list[FileEntry]:
             """A plain save holds replicated state (as under DDP): rank 0 writes it."""
@@ -570,7 +575,14 @@ class CheckpointManager:
                 f"{self.directory}/{name} exists with an unreadable manifest ({self._unreadable[name]}); "
                 "inspect it and delete it by hand before saving this step"
             )
-        commit.discard(self._storage, name)
+        if name in self._leftovers:  # anything else was cleaned when the directory was opened
+            if self._storage.exists(commit.manifest_path(name)):
+                raise CheckpointError(
+                    f"{self.directory}/{name} was committed by a save that reported a storage error; "
+                    "call refresh() to see it"
+                )
+            commit.discard(self._storage, name)
+            self._leftovers.discard(name)
         return name
 
     @contextlib.contextmanager
@@ -579,9 +591,11 @@ class CheckpointManager:
         try:
             yield
         except BaseException:
-            if not self._storage.exists(commit.manifest_path(name)):
-                with contextlib.suppress(Exception):
+            try:
+                if not self._storage.exists(commit.manifest_path(name)):
                     commit.discard(self._storage, name)
+            except Exception:  # noqa: BLE001 - storage is failing; clean up before this name is used again
+                self._leftovers.add(name)
             raise
 
     def _save_collectively(

@@ -117,6 +117,10 @@ class Storage:
     def read_bytes(self, rel: str) -> bytes:
         return self._guard("read", rel, lambda: self.fs.cat_file(self.path(rel)))
 
+    def read_small(self, rel: str, limit: int = 1 << 20) -> bytes:
+        """A small file in one request: a ranged read needs no size lookup first (s3fs sends HEAD + GET otherwise)."""
+        return self._guard("read", rel, lambda: self.fs.cat_file(self.path(rel), start=0, end=limit))
+
     def read_many(self, rels: list[str]) -> dict[str, bytes]:
         """Read several small files at once (concurrently on async backends); missing ones are left out."""
         if not rels:
