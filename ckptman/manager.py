@@ -79,7 +79,7 @@ class CheckpointManager:
         lease_timeout: float = 60.0,
         retry: RetryPolicy | None = None,
         async_save: bool = False,
-        max_concurrency: int = 8,
+        max_concurrency: int = 16,
         progress: bool | None = None,
         process_group: Any = None,
     ) -> None:
