@@ -31,6 +31,7 @@ from datetime import datetime, timezone
 
 from ckptman.errors import DirectoryLockedError, LeaseLostError, PolicyConfigError
 from ckptman.retry import RetryPolicy
+from ckptman.staging import pid_alive
 from ckptman.storage import Storage
 
 LEASE_NAME = "ckptman.lock"
@@ -108,7 +109,7 @@ class Lease:
         warnings.warn(
             f"taking over the stale lease of {self._storage.url} held by {who}; that writer stopped renewing it",
             LeaseWarning,
-            stacklevel=4,
+            stacklevel=6,  # the CheckpointManager(...) call: acquire < _take_lease < lambda < on_coordinator < __init__
         )
         self._storage.remove(LEASE_NAME)
         if not self._storage.create_exclusive(LEASE_NAME, self.holder.to_bytes()):
@@ -117,7 +118,7 @@ class Lease:
 
     def _is_stale(self, holder: Holder, now: float) -> bool:
         """Not renewed within the longer of both timeouts, or held by a dead process on this host."""
-        if holder.host == self.holder.host and holder.pid != self.holder.pid and not _pid_alive(holder.pid):
+        if holder.host == self.holder.host and holder.pid != self.holder.pid and not pid_alive(holder.pid):
             return True
         return now - holder.renewed > max(self.timeout, holder.timeout)
 
@@ -189,15 +190,3 @@ def _read(storage: Storage) -> Holder | None:
     except FileNotFoundError:
         return None
     return Holder.from_bytes(data) or Holder(UNREADABLE, "?", 0, 0.0, 0.0)
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True

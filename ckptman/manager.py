@@ -22,6 +22,7 @@ import torch
 
 from ckptman import commit, distributed, restore, transfer, verify
 from ckptman import sharded as sharded_io
+from ckptman import staging as staging_dirs
 from ckptman.background import BackgroundWriter, Snapshotter
 from ckptman.errors import (
     CheckpointError,
@@ -226,7 +227,7 @@ class CheckpointManager:
         if not wanted:
             yield None
             return
-        staging = tempfile.mkdtemp(prefix=f"ckptman-{step}-")
+        staging = staging_dirs.make(f"save-{step}")
         try:
             yield staging
             self._check_open()
@@ -443,6 +444,7 @@ class CheckpointManager:
                 logger.warning("removing incomplete checkpoint folder %s/%s (no manifest: an interrupted save)", self.directory, name)
                 commit.discard(self._storage, name)
             self._storage.remove_temporaries()
+            staging_dirs.remove_stale()
             self._repair_sidecar()
         return self._manifests, self._unreadable, self._stored
 

@@ -12,7 +12,6 @@ import io
 import mmap
 import os
 import shutil
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from typing import IO, Callable, Iterator, Sequence, TypeVar
 
@@ -20,6 +19,7 @@ import xxhash
 
 from ckptman.errors import CorruptCheckpointError
 from ckptman.manifest import FileEntry
+from ckptman import staging
 from ckptman.progress import DEFAULT_CALLBACK, Callback, Progress
 from ckptman.storage import Storage
 
@@ -156,10 +156,13 @@ def verified_local_copy(storage: Storage, rel: str, entry: FileEntry) -> Iterato
         _check(storage, rel, entry, size, actual)
         yield local
         return
-    with tempfile.TemporaryDirectory(prefix="ckptman-restore-") as scratch:
+    scratch = staging.make("restore")
+    try:
         path = os.path.join(scratch, os.path.basename(rel))
         download_verified(storage, rel, entry, path)
         yield path
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _check(storage: Storage, rel: str, entry: FileEntry, size: int, actual: str) -> None:

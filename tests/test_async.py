@@ -205,3 +205,28 @@ def test_progress_bar_and_log(memory_backend: Any, capsys: Any, caplog: Any) -> 
     with CheckpointManager(memory_backend.url, progress=False) as quiet:
         quiet.save(3, {"w": torch.ones(1)})
     assert capsys.readouterr().err == ""
+
+
+def test_staging_folders_of_killed_processes_are_removed(local_backend: Any) -> None:
+    import subprocess
+    import sys
+    import tempfile
+
+    script = (
+        "import os, signal, torch, ckptman\n"
+        f"mgr = ckptman.CheckpointManager({local_backend.url!r})\n"
+        "with mgr.save_directory(1) as folder:\n"
+        "    open(os.path.join(folder, 'shard.bin'), 'wb').write(b'x' * 100)\n"
+        "    print(folder, flush=True)\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    killed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    staging = killed.stdout.strip()
+    assert staging.startswith(tempfile.gettempdir()) and os.path.isdir(staging)
+    from ckptman import LeaseWarning
+
+    with pytest.warns(LeaseWarning, match="stopped renewing"):
+        mgr = CheckpointManager(local_backend.url)  # takes over the dead writer's lease at once
+    with mgr:
+        assert mgr.all_steps() == []
+    assert not os.path.exists(staging)
