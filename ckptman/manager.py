@@ -18,7 +18,6 @@ import warnings
 import weakref
 from typing import Any, Callable, Iterator, Mapping, Sequence, TypeVar
 
-import torch
 
 from ckptman import commit, distributed, restore, transfer, verify
 from ckptman import sharded as sharded_io
@@ -198,7 +197,7 @@ class CheckpointManager:
             if not self._data.is_coordinator:
                 return []
             rel = f"{name}/{STATE_FILE}"
-            return [self._transfers.write(self._storage, rel, lambda f: torch.save(payload, f), STATE_FILE)]
+            return [self._transfers.write(self._storage, rel, lambda f: restore.save_state(payload, f), STATE_FILE)]
 
         def write_shards(name: str) -> list[FileEntry]:
             sharded_io.save(payload, self._folder_url(name), self._storage_options, self._data, self._storage.is_local)
