@@ -310,9 +310,8 @@ class CheckpointManager:
 
         def load(manifest: Manifest) -> Any:
             if manifest.kind != "state":
-                raise CheckpointError(
-                    f"checkpoint {manifest.name} is a directory checkpoint; use restore_directory({manifest.step})"
-                )
+                how = "restore(sharded=True, state=...)" if manifest.kind == "sharded" else f"restore_directory({manifest.step})"
+                raise CheckpointError(f"checkpoint {manifest.name} is a {manifest.kind} checkpoint; use {how}")
             rel = f"{manifest.name}/{STATE_FILE}"
             with transfer.verified_local_copy(self._storage, rel, restore.entry(manifest, STATE_FILE)) as path:
                 return restore.load_state(manifest, path, map_location, weights_only)

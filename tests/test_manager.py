@@ -576,3 +576,21 @@ def test_temporary_files_of_an_interrupted_local_write_are_cleaned(local_backend
     manager(local_backend)
     leftovers = [p for p in os.listdir(local_backend.url) + os.listdir(f"{local_backend.url}/step_00000001") if "tmp" in p]
     assert leftovers == []
+
+
+def test_sharded_save_and_restore_in_one_process(backend: Any) -> None:
+    mgr = manager(backend, keep_last=1)
+    source = {"w": torch.arange(12.0).reshape(3, 4), "b": torch.ones(5)}
+    assert mgr.save(1, source, sharded=True)
+    record = mgr.record(1)
+    assert record.kind == "sharded"
+    files = {entry.path for entry in mgr._manifest(1).files}
+    assert ".metadata" in files and any(path.endswith(".distcp") for path in files)
+    assert mgr.verify().ok
+    target = {"w": torch.zeros(3, 4), "b": torch.zeros(5)}
+    assert mgr.restore(sharded=True, state=target) is target
+    assert torch.equal(target["w"], source["w"]) and torch.equal(target["b"], source["b"])
+    with pytest.raises(TypeError, match="state="):
+        mgr.restore(sharded=True)
+    with pytest.raises(CheckpointError, match=r"sharded checkpoint; use restore\(sharded=True"):
+        mgr.restore(1)  # a sharded checkpoint has no state.pt
