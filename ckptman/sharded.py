@@ -9,13 +9,22 @@ ckptman's manifest, listing and checksumming every DCP file, is written.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import warnings
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 from ckptman.distributed import Coordinator
 
 _SHARD = re.compile(r"__(\d+)_\d+\.distcp")
+
+
+@contextlib.contextmanager
+def _single_process_is_intended() -> Iterator[None]:
+    """With no_dist=True DCP still warns that it assumes one process: that is what was asked for."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        yield
 
 
 def _process_group(ranks: Coordinator) -> dict[str, Any]:
@@ -29,7 +38,8 @@ def save(state: dict[str, Any], url: str, storage_options: Mapping[str, Any], ra
     from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
 
     writer = FsspecWriter(url, sync_files=durable, **storage_options)
-    dcp.save(state, storage_writer=writer, **_process_group(ranks))
+    with _single_process_is_intended():
+        dcp.save(state, storage_writer=writer, **_process_group(ranks))
 
 
 def load(state: dict[str, Any], url: str, storage_options: Mapping[str, Any], ranks: Coordinator) -> None:
@@ -37,9 +47,7 @@ def load(state: dict[str, Any], url: str, storage_options: Mapping[str, Any], ra
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
 
-    with warnings.catch_warnings():
-        # With no_dist=True DCP still warns that it assumes one process: that is what was asked for.
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+    with _single_process_is_intended():
         dcp.load(state, storage_reader=FsspecReader(url, **storage_options), **_process_group(ranks))
 
 
