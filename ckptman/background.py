@@ -38,6 +38,8 @@ class Snapshotter:
         used: dict[tuple[Any, ...], torch.Tensor] = {}
 
         def copy_tensor(path: tuple[Any, ...], tensor: torch.Tensor) -> torch.Tensor:
+            if type(tensor) is not torch.Tensor and not isinstance(tensor, torch.nn.Parameter):
+                return tensor.detach().clone()  # DTensor and other subclasses: their own copy keeps their layout
             key = (path, tensor.dtype, tuple(tensor.shape))
             buffer = self._buffers.get(key)
             if buffer is None:

@@ -230,8 +230,10 @@ class CheckpointManager:
         try:
             yield staging
             self._check_open()
-        except BaseException:
+        except BaseException as exc:
             shutil.rmtree(staging, ignore_errors=True)
+            if self._data.world_size > 1 and isinstance(exc, Exception):
+                self._fail_collectively(step, values, exc)
             raise
 
         def upload(name: str) -> tuple[FileEntry, ...]:
@@ -438,6 +440,7 @@ class CheckpointManager:
             warnings.warn(f"ignoring checkpoint folder {name}: {reason}", CheckpointWarning, stacklevel=5)
         self._stored = self._read_sidecar()
         if not self._read_only:
+            self._check_lease()  # cleanup deletes: only the lease holder may
             for name in found.incomplete:
                 logger.warning("removing incomplete checkpoint folder %s/%s (no manifest: an interrupted save)", self.directory, name)
                 commit.discard(self._storage, name)
@@ -513,7 +516,9 @@ class CheckpointManager:
     def _check_open(self) -> None:
         if self._closed:
             raise ManagerClosedError(f"the manager for {self.directory} is closed; create a new CheckpointManager")
-        self._background.raise_if_failed()
+        if self._control.world_size == 1:
+            # Across ranks a failure is raised where every rank waits for the save, so all raise at the same call.
+            self._background.raise_if_failed()
 
     def _put(self, manifest: Manifest) -> None:
         """Copy-on-write, so readers on the caller's thread never see a dict change under them."""
@@ -557,10 +562,9 @@ class CheckpointManager:
     def _decide(self, step: object, metrics: Mapping[str, object] | None, force: bool) -> tuple[int, dict[str, float], bool]:
         """Validate a save and decide it; with metrics, rank 0's values and decision count on every rank."""
         checked, values = self._check_save(step, metrics)
-        decision = (values, force or self._wants(checked, values))
-        if metrics is not None:
-            decision = self._control.broadcast(decision)
-        return checked, *decision
+        # Every rank joins, with or without metrics of its own (evaluation may run on rank 0 only).
+        values, wanted = self._control.broadcast((values, force or self._wants(checked, values)))
+        return checked, values, wanted
 
     def _wants(self, step: int, metrics: Mapping[str, float]) -> bool:
         """Decided against the committed checkpoints plus the one being written in the background."""
@@ -592,11 +596,23 @@ class CheckpointManager:
             yield
         except BaseException:
             try:
-                if not self._storage.exists(commit.manifest_path(name)):
+                if self._storage.exists(commit.manifest_path(name)):
+                    self._leftovers.add(name)  # committed although the call failed: never overwrite it blindly
+                else:
                     commit.discard(self._storage, name)
             except Exception:  # noqa: BLE001 - storage is failing; clean up before this name is used again
                 self._leftovers.add(name)
             raise
+
+    def _fail_collectively(self, step: int, metrics: dict[str, float], error: Exception) -> None:
+        """This rank failed before its save began: still take part, so every rank fails the save together."""
+
+        def fail(name: str) -> list[FileEntry]:
+            raise error
+
+        self._background.wait()
+        with contextlib.suppress(Exception):  # the caller gets the original error
+            self._save_collectively(step, "directory", metrics, fail)
 
     def _save_collectively(
         self, step: int, kind: CheckpointKind, metrics: dict[str, float], write_own: Callable[[str], Sequence[FileEntry]]
@@ -609,7 +625,9 @@ class CheckpointManager:
         failure: BaseException | None = None
         try:
             own = tuple(write_own(name))
-        except Exception as exc:  # noqa: BLE001 - every rank must reach the gather below
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:  # noqa: BLE001 - every rank must reach the gather below (DCP raises BaseException)
             failure = exc
         reports = self._data.gather((own, None if failure is None else distributed.portable(failure)))
 
@@ -630,8 +648,10 @@ class CheckpointManager:
         try:
             self._manifests = distributed.on_coordinator(self._data, finish)
         except Exception:
-            if failure is not None:
+            if isinstance(failure, Exception):
                 raise failure from None  # the failing rank reports its own error
+            if failure is not None:
+                raise CheckpointError(f"the save of step {step} failed on this rank: {failure}") from failure
             raise
         self._pinned = {}  # on every rank, as rank 0 did in _commit
 

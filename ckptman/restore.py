@@ -34,8 +34,11 @@ def save_state(state: Any, target: IO[bytes]) -> None:
     restored right after; a ``torch.save`` on another thread meanwhile also
     skips CRC32 and stays loadable.
     """
-    from torch.utils.serialization import config
-
+    try:
+        from torch.utils.serialization import config
+    except ImportError:  # torch without the switch: CRC32 is computed, nothing else changes
+        torch.save(state, target)
+        return
     with _CRC_LOCK:
         previous = config.save.compute_crc32
         config.save.compute_crc32 = False

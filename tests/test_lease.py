@@ -148,5 +148,7 @@ def test_a_writer_that_lost_its_lease_deletes_and_reports_nothing(backend: Any) 
             mgr.report(1, {"loss": 1.0})
         with pytest.raises(LeaseLostError):  # remembered: no further I/O needed to refuse
             mgr.save(2, {"w": torch.ones(1)})
+        with pytest.raises(LeaseLostError):  # refresh() would clean up the new writer's folders
+            mgr.refresh()
     with open_manager(backend, read_only=True) as reader:
         assert reader.all_steps() == [1] and reader.metrics(1) == {}
