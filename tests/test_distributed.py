@@ -1,0 +1,578 @@
+"""Distributed runs: real multi-process gloo jobs on CPU, against local disk and S3 (moto).
+
+Each test starts a job of 2 or 3 processes (multiprocessing, spawn context)
+running a scenario of tests/dist_worker.py; every rank writes what it
+observed to a JSON file, and the test asserts on those files and on what a
+fresh single-process manager finds on storage afterwards. A job that does not
+finish within its deadline is SIGKILLed and the test fails (a hang never
+blocks the suite).
+
+Importing torch costs each spawned process a second or two, so each job
+checks many things, and jobs whose outcome several tests assert on run once
+per module (``sharded_jobs``, ``async_job``). The whole module takes 1.5 to
+2.5 minutes on two cores.
+
+Five tests here first failed, on bugs since fixed in ckptman: a rank raising
+inside ``save_directory()``'s block, metrics passed on rank 0 only, an async
+failure noticed by different calls on different ranks, a DCP failure on one
+rank (a ``BaseException``), and async snapshots of DTensors.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import dist_worker
+import pytest
+import torch
+from conftest import Backend, make_backend
+
+from ckptman import CheckpointManager, CheckpointWarning, LeaseWarning
+from ckptman.lease import LEASE_NAME
+from ckptman.manifest import MANIFEST_NAME, Manifest
+
+pytestmark = pytest.mark.skipif(
+    not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+    reason="needs torch.distributed with gloo",
+)
+
+AWS_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Job:
+    """The outcome of one distributed job: each rank's observations and exit code."""
+
+    scenario: str
+    results: list[dict[str, Any] | None]
+    exitcodes: list[int | None]
+    seconds: float
+    timed_out: bool
+
+    def rank(self, r: int) -> dict[str, Any]:
+        result = self.results[r]
+        assert result is not None, f"rank {r} of {self.scenario} wrote no observations (exit code {self.exitcodes[r]})"
+        return result
+
+    def all(self) -> list[dict[str, Any]]:
+        return [self.rank(r) for r in range(len(self.results))]
+
+    def assert_clean(self) -> None:
+        """Every rank ran its scenario to the end and exited 0."""
+        assert not self.timed_out, f"{self.scenario} hung: killed after {self.seconds:.0f}s; {self.describe()}"
+        for r, result in enumerate(self.results):
+            assert result is not None and "fatal" not in result, f"rank {r} failed: {(result or {}).get('fatal')}"
+            assert result.get("finished"), f"rank {r} did not finish: {self.describe()}"
+        assert self.exitcodes == [0] * len(self.results), self.describe()
+
+    def same(self, key: str) -> Any:
+        """The value every rank observed under ``key`` (asserting they agree)."""
+        values = [result[key] for result in self.all()]
+        for r, value in enumerate(values[1:], 1):
+            assert value == values[0], f"{key}: rank {r} saw {value!r}, rank 0 saw {values[0]!r}"
+        return values[0]
+
+    def describe(self) -> str:
+        last = [sorted(k for k in (res or {}) if k != "writes")[-3:] for res in self.results]
+        return f"exit codes {self.exitcodes}; last keys per rank {last}"
+
+
+def run_job(
+    tmp_path: Path,
+    scenario: str,
+    world: int,
+    url: str,
+    storage_options: dict[str, Any] | None = None,
+    *,
+    params: dict[str, Any] | None = None,
+    deadline: float = 90.0,
+    gloo_timeout: float = 60.0,
+) -> Job:
+    """Run ``dist_worker.<scenario>`` on ``world`` spawned gloo processes; kill them all after ``deadline`` seconds.
+
+    Started again (up to twice) if the free port picked for the rendezvous was taken before rank 0 bound it.
+    """
+    for _ in range(3):
+        job = _run_job_once(tmp_path, scenario, world, url, storage_options, params, deadline, gloo_timeout)
+        if not any(
+            result is not None and not result.get("joined") and "address already in use" in str(result.get("fatal")).lower()
+            for result in job.results
+        ):
+            break
+    return job
+
+
+def _run_job_once(
+    tmp_path: Path,
+    scenario: str,
+    world: int,
+    url: str,
+    storage_options: dict[str, Any] | None,
+    params: dict[str, Any] | None,
+    deadline: float,
+    gloo_timeout: float,
+) -> Job:
+    result_dir = tmp_path / f"{scenario}-{world}-{time.monotonic_ns()}"
+    result_dir.mkdir()
+    env = {key: os.environ[key] for key in AWS_ENV if key in os.environ}
+    if sys.platform.startswith("linux"):
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    config = {
+        "scenario": scenario,
+        "url": url,
+        "storage_options": storage_options or {},
+        "params": params or {},
+        "port": free_port(),
+        "result_dir": str(result_dir),
+        "timeout": gloo_timeout,
+        "env": env,
+    }
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=dist_worker.entry, args=(r, world, config), daemon=True) for r in range(world)]
+    start = time.monotonic()
+    for proc in procs:
+        proc.start()
+    timed_out = False
+    try:
+        for proc in procs:
+            proc.join(max(0.0, deadline - (time.monotonic() - start)))
+            if proc.is_alive():
+                timed_out = True
+    finally:
+        for proc in procs:
+            if proc.is_alive():
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.join(10)
+    seconds = time.monotonic() - start
+    results: list[dict[str, Any] | None] = []
+    for r in range(world):
+        path = result_dir / f"rank{r}.json"
+        results.append(json.loads(path.read_text()) if path.exists() else None)
+    return Job(scenario, results, [proc.exitcode for proc in procs], seconds, timed_out)
+
+
+def fresh_reader(backend: Any, **kwargs: Any) -> CheckpointManager:
+    """What a later job (one process, read-only) finds on storage."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CheckpointWarning)
+        return CheckpointManager(backend.url, storage_options=backend.storage_options, read_only=True, **kwargs)
+
+
+def stored_manifest(backend: Any, name: str) -> Manifest:
+    fs, root = backend.fs(fresh=True)
+    return Manifest.from_bytes(fs.cat_file(f"{root}/{name}/{MANIFEST_NAME}"), name)
+
+
+def stored_names(backend: Any, rel: str = "") -> set[str]:
+    """Names directly below the directory (or one of its folders), read fresh."""
+    fs, root = backend.fs(fresh=True)
+    path = f"{root}/{rel}".rstrip("/")
+    fs.invalidate_cache()
+    try:
+        return {os.path.basename(p.rstrip("/")) for p in fs.ls(path, detail=False)}
+    except FileNotFoundError:
+        return set()
+
+
+def error(observed: dict[str, Any]) -> list[str]:
+    assert "error" in observed, f"expected an error, got {observed}"
+    return observed["error"]
+
+
+BACKENDS = ["local", "s3"]
+
+
+@pytest.fixture(params=BACKENDS)
+def store(request: pytest.FixtureRequest, backend_factory: Any) -> Any:
+    return backend_factory(request.param)
+
+
+def module_store(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Backend:
+    """A fresh run directory for a module-scoped job (shared by the tests that assert on its outcome)."""
+    return make_backend(request.param, tmp_path_factory.mktemp(request.param), request)
+
+
+# --------------------------------------------------------------------------- #
+# Plain (replicated) saves
+# --------------------------------------------------------------------------- #
+
+
+def test_plain_saves_decided_and_written_by_rank_0(tmp_path: Path, store: Any) -> None:
+    job = run_job(tmp_path, "plain", 2, store.url, store.storage_options)
+    job.assert_clean()
+
+    # Rank 0's metrics decide on every rank: 3 would be a new best for rank 1, 5 is one for rank 0.
+    assert job.same("saved") == {"2": True, "3": False, "4": True, "5": True, "6": True, "7": False, "8": True}
+    after = job.same("after_saves")
+    assert after["all_steps"] == [5, 6, 8]  # keep_last=2 plus the best (rank 0's: step 5)
+    assert after["best_step"] == 5
+    assert after["metrics"] == {"5": {"loss": 1.0}, "6": {"loss": 5.0}, "8": {"loss": 6.0}}
+    assert after["kept"] == {"5": ["best loss #1"], "6": ["last 2"], "8": ["latest", "last 2"]}
+
+    restored = job.same("restore_latest")["ok"]
+    assert restored == {"w": [8.0] * 4, "step": 8}
+    assert job.same("restore_5")["ok"] == {"w": [5.0] * 4, "step": 5}
+    assert error(job.same("restore_gone"))[0] == "CheckpointNotFoundError"
+
+    # report(): rank 0's evaluation counts; retention re-runs on rank 0 and every rank learns the result.
+    assert job.same("after_report")["best_step"] == 8
+    assert job.same("after_report")["all_steps"] == [6, 8]
+    assert job.same("after_report")["metrics"]["8"] == {"loss": 0.5}
+    assert job.same("after_delete")["all_steps"] == [8]
+    assert error(job.same("save_old_step"))[0] == "InvalidStepError"
+    assert error(job.same("save_existing_step"))[0] == "StepExistsError"
+    assert job.same("save_10") is True
+    assert job.same("after_refresh")["all_steps"] == [8, 10]
+
+    # A second writable manager of the same job: rank 0 cannot take the lease, every rank is refused.
+    assert [error(r["second_writer"])[0] for r in job.all()] == ["DirectoryLockedError"] * 2
+    assert job.same("read_only_while_open") == {"all_steps": [8, 10], "best_step": 8}
+    assert job.same("read_only_restore")["ok"] == {"w": [10.0] * 4, "step": 10}
+    assert error(job.same("read_only_save"))[0] == "ReadOnlyError"
+    assert error(job.same("closed_save"))[0] == "ManagerClosedError"
+    assert job.same("reopened")["all_steps"] == [8, 10]  # the lease was released on close
+
+    # Only rank 0 touches storage; no other rank ever writes or deletes anything.
+    rank0_writes = job.rank(0)["writes"]
+    assert ["create_exclusive", LEASE_NAME] in rank0_writes
+    assert ["write_file", "step_00000008/state.pt"] in rank0_writes
+    assert ["remove", "step_00000006"] in [w[:2] for w in rank0_writes]
+    assert job.rank(1)["writes"] == []
+
+    with fresh_reader(store, best="loss", mode="min") as reader:
+        assert reader.all_steps() == [8, 10]
+        assert reader.best_step() == 8
+        assert reader.verify().ok
+        assert [e.path for e in stored_manifest(store, "step_00000010").files] == ["state.pt"]
+    assert stored_names(store) == {"step_00000008", "step_00000010", "latest", "ckptman.json"}
+
+
+# --------------------------------------------------------------------------- #
+# Directory saves (DeepSpeed-style: every rank writes its own shard files)
+# --------------------------------------------------------------------------- #
+
+
+@pytest.mark.parametrize("world", [3])
+def test_directory_saves_commit_every_ranks_shards(tmp_path: Path, store: Any, world: int) -> None:
+    job = run_job(tmp_path, "directory", world, store.url, store.storage_options)
+    job.assert_clean()
+    shard_names = sorted(
+        name
+        for r in range(world)
+        for name in (f"mp_rank_{r:02d}_model_states.pt", f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt", f"meta/rank{r}.json")
+    )
+    assert job.same("after_saves")["all_steps"] == [2, 3]
+    assert all(job.rank(r)["staging_removed_3"] for r in range(world))
+    assert len({job.rank(r)["local_3"] for r in range(world)}) == world  # a local folder per rank
+    assert job.same("not_due") is None
+
+    restored = [job.rank(r)["restore_3"]["ok"] for r in range(world)]
+    assert all(rest["files"] == shard_names for rest in restored)
+    for r, rest in enumerate(restored):
+        assert rest["mine"] == {"rank": r, "step": 3, "w": [300.0 + r] * 3}
+
+    # Two ranks writing the same file name: refused on every rank, nothing committed.
+    assert [error(res["clash_4"])[0] for res in job.all()] == ["CheckpointError"] * world
+    assert "same name" in error(job.rank(0)["clash_4"])[1]
+    assert job.same("after_clash")["all_steps"] == [2, 3]
+
+    # Rank 1 fails mid-upload (after one of its files is stored): the save fails on every rank.
+    failed = [error(res["failing_5"]) for res in job.all()]
+    assert failed[1][0] == "OSError"  # the failing rank raises its own error
+    for r in (0, *range(2, world)):
+        assert failed[r][0] == "CheckpointError"
+        assert "rank 1: OSError: injected" in failed[r][1], failed[r]
+    assert job.same("after_failure")["all_steps"] == [2, 3]
+    assert job.same("retry_5") == {"ok": True}
+    assert job.same("after_retry")["all_steps"] == [3, 5]
+
+    # Ranks other than 0 only wrote their own payload files, and never deleted anything.
+    for r in range(1, world):
+        kinds = {kind for kind, _ in job.rank(r)["writes"]}
+        assert kinds == {"write_file"}, job.rank(r)["writes"]
+        for _, rel in job.rank(r)["writes"]:
+            base = rel.split("/", 1)[1]
+            assert base == "same.bin" or base in shard_names and (f"rank_{r:02d}" in base or f"rank_{r}_" in base or f"rank{r}." in base), rel
+
+    with fresh_reader(store) as reader:
+        assert reader.all_steps() == [3, 5]
+        assert reader.verify().ok
+        manifest = stored_manifest(store, "step_00000005")
+        assert sorted(e.path for e in manifest.files) == shard_names
+        assert all(e.checksum.startswith("xxh3_128:") for e in manifest.files)
+    assert stored_names(store) == {"step_00000003", "step_00000005", "latest", "ckptman.json"}
+
+
+def test_rank_raising_inside_save_directory_block_fails_the_save_on_every_rank(tmp_path: Path, local_backend: Any) -> None:
+    job = run_job(tmp_path, "raise_in_block", 2, local_backend.url, deadline=40)
+    assert not job.timed_out, job.describe()
+    assert error(job.rank(1)["save_2"])[0] == "ValueError"
+    assert error(job.rank(0)["save_2"])[0] == "CheckpointError"
+    assert job.same("after_failure")["all_steps"] == [1]
+    assert job.same("save_3") == {"ok": None}
+    assert job.same("after_next")["all_steps"] == [1, 3]
+    assert job.same("verify") == {"ok": {"step_00000001": [], "step_00000003": []}}
+
+
+# --------------------------------------------------------------------------- #
+# A rank killed mid-save
+# --------------------------------------------------------------------------- #
+
+
+@pytest.mark.parametrize(
+    ("backend_name", "world", "victim", "where"),
+    [
+        ("local", 2, 1, "block"),  # killed inside save_directory's block, after writing its shard
+        ("s3", 2, 1, "upload"),  # killed after one of its files reached storage
+        ("local", 3, 0, "upload"),  # the coordinator (lease holder) killed mid-upload
+    ],
+    ids=["local-rank1-in-block", "s3-rank1-mid-upload", "local-rank0-mid-upload"],
+)
+def test_killed_rank_fails_the_others_and_commits_nothing(
+    tmp_path: Path, backend_factory: Any, backend_name: str, world: int, victim: int, where: str
+) -> None:
+    store = backend_factory(backend_name)
+    job = run_job(tmp_path, "kill", world, store.url, store.storage_options, params={"victim": victim, "where": where}, deadline=60)
+    assert not job.timed_out, f"a survivor hung after the kill: {job.describe()}"
+    assert job.exitcodes[victim] == -signal.SIGKILL
+    for r in range(world):
+        assert job.rank(r)["committed"]["all_steps"] == [1, 2]
+        if r == victim:
+            continue
+        assert "fatal" not in job.rank(r), job.rank(r)["fatal"]
+        assert "error" in job.rank(r)["save_3"], f"rank {r} did not notice the kill: {job.rank(r)['save_3']}"
+        assert job.rank(r)["seconds_to_error"] < 30
+        assert job.rank(r)["close"] == {"ok": None}  # closing after the failure does not hang either
+        assert job.exitcodes[r] == 0
+
+    # Nothing of step 3 is visible; the earlier checkpoints are intact.
+    assert "step_00000003" not in stored_names(store) or MANIFEST_NAME not in stored_names(store, "step_00000003")
+    with fresh_reader(store) as reader:
+        assert reader.all_steps() == [1, 2]
+        assert reader.verify().ok
+
+    # The next job (one process here) resumes: it gets the lease (taking over a killed holder's),
+    # removes the debris of step 3 and saves it again.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", LeaseWarning)
+        with CheckpointManager(store.url, storage_options=store.storage_options) as mgr:
+            assert mgr.all_steps() == [1, 2]
+            assert "step_00000003" not in stored_names(store)
+            assert mgr.save(3, {"w": torch.ones(2)}, force=True)
+            assert mgr.all_steps() == [1, 2, 3]
+
+
+# --------------------------------------------------------------------------- #
+# Sharded state through torch.distributed.checkpoint (DTensor)
+# --------------------------------------------------------------------------- #
+
+
+def full_weights(scale: float) -> tuple[list[list[float]], list[float]]:
+    w = (torch.arange(48, dtype=torch.float32).reshape(12, 4) * scale).tolist()
+    b = (torch.arange(6, dtype=torch.float32) * scale).tolist()
+    return w, b
+
+
+def expected_local(scale: float, rank: int, world: int) -> dict[str, Any]:
+    """What rank ``rank`` holds of the Shard(0) weight and the replicated bias after a restore."""
+    w, b = full_weights(scale)
+    rows = torch.tensor(w).chunk(world, dim=0)[rank].tolist()
+    return {"w": rows, "b": b, "scale": scale}
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def sharded_jobs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[Backend, Job, Job]:
+    """A 2-rank job of DCP saves and restores, then a 3-rank job restarting from its checkpoints."""
+    store = module_store(request, tmp_path_factory)
+    results = tmp_path_factory.mktemp("sharded-results")
+    job = run_job(results, "sharded", 2, store.url, store.storage_options)
+    job3 = run_job(results, "reshard", 3, store.url, store.storage_options)
+    return store, job, job3
+
+
+def test_sharded_dcp_round_trip_and_restart_with_another_world_size(sharded_jobs: tuple[Backend, Job, Job]) -> None:
+    store, job, job3 = sharded_jobs
+    job.assert_clean()
+    assert [job.same(f"saved_{s}") for s in (10, 20, 30)] == [True, True, True]
+    after = job.same("after_saves")
+    assert after["all_steps"] == [10, 20, 30]  # keep_last=2, plus the best by rank 0's loss (step 10)
+    assert after["best_step"] == 10
+    assert after["metrics"]["10"] == {"loss": 1.0}
+    assert job.same("verify")["ok"] == [["step_00000010", True], ["step_00000020", True], ["step_00000030", True]]
+    for r in range(2):
+        assert job.rank(r)["restore_latest"]["ok"] == expected_local(3.0, r, 2)
+        assert job.rank(r)["restore_10"]["ok"] == expected_local(1.0, r, 2)
+    assert error(job.same("restore_plain"))[0] == "CheckpointError"
+    assert "restore(sharded=True" in error(job.same("restore_plain"))[1]
+    assert error(job.same("restore_no_target"))[0] == "TypeError"
+
+    # One rank fails inside DCP's write: the save fails on every rank, nothing is committed
+    # (what is raised and what is left behind: test_sharded_save_failing_on_one_rank_leaves_nothing).
+    assert all("error" in res["failing_40"] for res in job.all())
+    assert job.same("after_failure")["all_steps"] == [10, 20, 30]
+    assert job.same("retry_40") == {"ok": True}
+    assert job.same("after_retry")["all_steps"] == [10, 30, 40]
+
+    manifest = stored_manifest(store, "step_00000040")
+    assert sorted(e.path for e in manifest.files) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    assert manifest.kind == "sharded"
+    assert stored_names(store, "step_00000040") == {".metadata", "__0_0.distcp", "__1_0.distcp", MANIFEST_NAME}
+
+    # Restart with 3 ranks: DCP reshards the 2-rank checkpoint; the new job saves with 3 shards.
+    job3.assert_clean()
+    assert job3.same("resumed")["all_steps"] == [10, 30, 40]
+    for r in range(3):
+        assert job3.rank(r)["restore_latest"]["ok"] == expected_local(4.0, r, 3)
+        assert job3.rank(r)["restore_50"]["ok"] == expected_local(5.0, r, 3)
+    assert job3.same("after_save")["all_steps"] == [40, 50]  # 50 is the new best; 40 is pinned (resumed from)
+    manifest = stored_manifest(store, "step_00000050")
+    assert sorted(e.path for e in manifest.files) == [".metadata", "__0_0.distcp", "__1_0.distcp", "__2_0.distcp"]
+    with fresh_reader(store) as reader:
+        assert reader.verify().ok
+        assert reader.all_steps() == [40, 50]
+
+
+def test_sharded_save_failing_on_one_rank_leaves_nothing(sharded_jobs: tuple[Backend, Job, Job]) -> None:
+    _, job, _ = sharded_jobs
+    assert job.same("after_failure")["all_steps"] == [10, 20, 30]
+    assert job.rank(0)["debris_40"] == []  # the folder of the failed save is removed, as for every other kind
+    # DCP turns one rank's failure into a CheckpointException on every rank; ckptman raises it as a CheckpointError.
+    failed = [error(res["failing_40"]) for res in job.all()]
+    assert [kind for kind, _ in failed] == ["CheckpointError", "CheckpointError"]
+    assert all("OSError: injected: DCP write failed" in message for _, message in failed)
+
+
+# --------------------------------------------------------------------------- #
+# Asynchronous saves
+# --------------------------------------------------------------------------- #
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def async_job(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[Backend, Job]:
+    """A 2-rank job with async_save=True (and, at its end, an async sharded save into a sibling directory)."""
+    store = module_store(request, tmp_path_factory)
+    job = run_job(tmp_path_factory.mktemp("async-results"), "async_saves", 2, store.url, store.storage_options)
+    return store, job
+
+
+def test_async_saves_across_ranks(async_job: tuple[Backend, Job]) -> None:
+    store, job = async_job
+    job.assert_clean()
+    assert job.same("saved") == {"2": True, "3": False, "4": True, "5": True, "6": True}
+    after = job.same("after_saves")
+    assert after["all_steps"] == [4, 5, 6] and after["best_step"] == 5  # keep_last=3 (2 rotated out)
+    assert job.same("restore_5")["ok"] == {"w": [5.0] * 4, "step": 5}  # the snapshot, not the live tensor
+    for r in range(2):
+        assert job.rank(r)["restore_8"]["ok"] == {"rank": r, "step": 8, "w": [800.0 + r] * 3}
+
+    # Rank 1's background upload fails: the save fails on every rank, raised once, nothing visible.
+    failed = [error(res["wait_failed_9"]) for res in job.all()]
+    assert failed[1][0] == "OSError"
+    assert failed[0][0] == "CheckpointError" and "rank 1: OSError" in failed[0][1]
+    assert job.same("wait_again") == {"ok": None}
+    assert 9 not in job.same("after_failure")["all_steps"]
+    assert job.same("after_recovery")["all_steps"] == [5, 6, 8, 10]
+    with fresh_reader(store) as reader:
+        assert reader.all_steps() == [5, 6, 8, 10]
+        assert reader.verify().ok
+    assert "step_00000009" not in stored_names(store)
+
+
+def test_async_sharded_save(async_job: tuple[Backend, Job]) -> None:
+    store, job = async_job
+    assert job.same("sharded_save") == {"ok": True}
+    assert job.same("sharded_wait") == {"ok": None}
+    assert job.same("sharded_after_save")["all_steps"] == [1]
+    for r in range(2):
+        assert job.rank(r)["sharded_restore"]["ok"] == expected_local(1.0, r, 2)  # the snapshot, not -7
+    manifest = stored_manifest(store.with_url(f"{store.url}_sharded"), "step_00000001")
+    assert sorted(e.path for e in manifest.files) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+
+
+def test_async_failure_is_raised_by_the_same_call_on_every_rank(tmp_path: Path, local_backend: Any) -> None:
+    job = run_job(tmp_path, "async_failure_next_call", 2, local_backend.url, deadline=45)
+    assert not job.timed_out, job.describe()
+    assert error(job.rank(0)["save_3"])[0] == "CheckpointError"
+    assert error(job.rank(1)["save_3"])[0] == "OSError"  # not a gloo error once rank 0 has left
+
+
+def test_metrics_passed_on_rank_0_only(tmp_path: Path, local_backend: Any) -> None:
+    job = run_job(tmp_path, "metrics_on_rank0_only", 2, local_backend.url, deadline=30)
+    assert not job.timed_out, job.describe()
+    assert job.same("save_1") == {"ok": True}  # a new best by rank 0's metrics, on every rank
+    assert job.same("after_save")["metrics"] == {"1": {"loss": 1.0}}
+
+
+# --------------------------------------------------------------------------- #
+# The lease: one writable job per directory
+# --------------------------------------------------------------------------- #
+
+
+def test_second_job_is_refused_on_every_rank_and_read_only_works(tmp_path: Path, store: Any) -> None:
+    holder = CheckpointManager(store.url, storage_options=store.storage_options, best="loss", mode="min")
+    try:
+        holder.save(1, dist_worker.replicated(1), metrics={"loss": 2.0})
+        with holder.save_directory(2, metrics={"loss": 1.0}, force=True) as folder:
+            Path(folder, "a.bin").write_bytes(b"a")
+        holder.save(3, dist_worker.replicated(3), metrics={"loss": 3.0}, force=True)
+        job = run_job(tmp_path, "locked", 2, store.url, store.storage_options)
+    finally:
+        holder.close()
+    job.assert_clean()
+    refused = [error(res["writable"]) for res in job.all()]
+    assert [kind for kind, _ in refused] == ["DirectoryLockedError"] * 2
+    assert f"pid {os.getpid()}" in refused[1][1]  # rank 1 learns who holds the lease, from rank 0
+    read_only = job.same("read_only")
+    assert read_only["all_steps"] == [1, 2, 3] and read_only["best_step"] == 2
+    assert job.same("restore") == {"ok": {"w": [3.0] * 4, "step": 3}}
+    assert job.same("restore_directory") == {"ok": ["a.bin"]}
+    assert job.same("verify") == {"ok": True}
+    assert [error(job.same(k))[0] for k in ("save", "report", "delete")] == ["ReadOnlyError"] * 3
+    with fresh_reader(store) as reader:
+        assert reader.all_steps() == [1, 2, 3]
+
+
+# --------------------------------------------------------------------------- #
+# The example of docs/distributed.md
+# --------------------------------------------------------------------------- #
+
+
+def test_example_runs_under_torchrun_and_resumes(tmp_path: Path) -> None:
+    example = Path(__file__).resolve().parent.parent / "examples" / "distributed_train.py"
+    directory = tmp_path / "ckpt"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if sys.platform.startswith("linux"):
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    outputs = []
+    for _ in range(2):
+        cmd = [
+            sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+            str(example), "--dir", str(directory), "--steps", "20", "--save-every", "10", "--eval-every", "5",
+        ]  # fmt: skip
+        done = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stdout + done.stderr
+        outputs.append(done.stdout)
+    assert "checkpoints in" in outputs[0] and "none yet" in outputs[0]
+    assert "resumed from step 20" in outputs[1]
+    assert "every rank sees steps" in outputs[1]
+    with fresh_reader(SimpleNamespace(url=str(directory), storage_options={})) as reader:
+        assert reader.latest_step() == 40
+        assert reader.verify().ok
