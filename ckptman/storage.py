@@ -225,7 +225,7 @@ class Storage:
         if not self.is_local:
             self._guard("write", rel, lambda: self.fs.pipe_file(path, data))
             return
-        self._guard("write", rel, lambda: _replace_local(path, data))
+        self._guard("write", rel, lambda: _publish_local(path, data, exclusive=False))
 
     def create_exclusive(self, rel: str, data: bytes) -> bool:
         """Create a small file only if nothing is there; False if it exists. The primitive behind the lease.
@@ -238,17 +238,7 @@ class Storage:
         path = self.path(rel)
 
         def local() -> bool:
-            folder = os.path.dirname(path)
-            os.makedirs(folder, exist_ok=True)
-            tmp = _write_temporary(folder, os.path.basename(path), data)
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                return False
-            finally:
-                os.unlink(tmp)
-            _fsync_dir(folder)
-            return True
+            return _publish_local(path, data, exclusive=True)
 
         def remote() -> bool:
             try:
@@ -384,18 +374,24 @@ def _write_temporary(folder: str, name: str, data: bytes) -> str:
     return tmp
 
 
-def _replace_local(path: str, data: bytes) -> None:
-    """Temporary file, fsync, rename over the target, fsync the folder."""
+def _publish_local(path: str, data: bytes, *, exclusive: bool) -> bool:
+    """Temporary file and fsync, then rename over the target (or, exclusive, link it: fails if the name exists),
+    then fsync the folder. Readers see the old bytes or the new ones, never a partial file."""
     folder = os.path.dirname(path)
     os.makedirs(folder, exist_ok=True)
     tmp = _write_temporary(folder, os.path.basename(path), data)
     try:
-        os.replace(tmp, path)
-    except BaseException:
+        if exclusive:
+            os.link(tmp, path)
+        else:
+            os.replace(tmp, path)
+    except FileExistsError:
+        return False
+    finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        raise
     _fsync_dir(folder)
+    return True
 
 
 def _fsync_dir(folder: str) -> None:
