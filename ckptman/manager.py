@@ -568,6 +568,10 @@ class CheckpointManager:
 
     def _wants(self, step: int, metrics: Mapping[str, float]) -> bool:
         """Decided against the committed checkpoints plus the one being written in the background."""
+        if self._policy.save.should_save(step):
+            return True
+        if not metrics or not self._policy.metrics:
+            return False  # the common per-step call: no history needed
         inflight = self._background.inflight
         history = self._records() + ([inflight] if inflight else [])
         return self._policy.wants(history, CheckpointRecord(step, self._names(step), metrics))

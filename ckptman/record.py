@@ -13,8 +13,7 @@ CheckpointKind = Literal["state", "directory", "sharded"]
 class CheckpointRecord:
     """One committed checkpoint: its step, folder name and metrics.
 
-    Records are immutable; a later ``report()`` produces a new record through
-    :meth:`with_metrics`.
+    Records are immutable; a later ``report()`` rewrites the manifest they are read from.
     """
 
     step: int
@@ -30,14 +29,3 @@ class CheckpointRecord:
     def __reduce__(self) -> tuple[type, tuple[object, ...]]:
         """Picklable (ranks exchange records), although the metrics view is read-only."""
         return (CheckpointRecord, (self.step, self.name, dict(self.metrics), self.created, self.size, self.kind))
-
-    def with_metrics(self, metrics: Mapping[str, float]) -> CheckpointRecord:
-        """A copy whose metrics are these merged over the existing ones."""
-        return CheckpointRecord(
-            step=self.step,
-            name=self.name,
-            metrics={**self.metrics, **metrics},
-            created=self.created,
-            size=self.size,
-            kind=self.kind,
-        )

@@ -126,6 +126,19 @@ def checksum_local_file(path: str) -> tuple[int, str]:
             return size, checksum_of(memoryview(mapped))
 
 
+def _hash_stream(source: IO[bytes], sink: IO[bytes] | None, callback: Callback) -> tuple[int, str]:
+    """Size and checksum of a stream read to its end, copied to ``sink`` on the way when given."""
+    digest = xxhash.xxh3_128()
+    size = 0
+    while chunk := source.read(CHUNK):
+        digest.update(chunk)
+        size += len(chunk)
+        callback.relative_update(len(chunk))
+        if sink is not None:
+            sink.write(chunk)
+    return size, f"{ALGORITHM}:{digest.hexdigest()}"
+
+
 def describe_stored(storage: Storage, rel: str, entry_path: str) -> FileEntry:
     """The manifest entry of a file another writer (DCP) already stored: one read pass to checksum it."""
     local = storage.local_path(rel)
@@ -133,15 +146,8 @@ def describe_stored(storage: Storage, rel: str, entry_path: str) -> FileEntry:
         size, checksum = checksum_local_file(local)
         return FileEntry(entry_path, size, checksum)
 
-    def consume(source: IO[bytes]) -> FileEntry:
-        digest = xxhash.xxh3_128()
-        size = 0
-        while chunk := source.read(CHUNK):
-            digest.update(chunk)
-            size += len(chunk)
-        return FileEntry(entry_path, size, f"{ALGORITHM}:{digest.hexdigest()}")
-
-    return storage.read_file(rel, consume)
+    size, checksum = storage.read_file(rel, lambda source: _hash_stream(source, None, DEFAULT_CALLBACK))
+    return FileEntry(entry_path, size, checksum)
 
 
 @contextlib.contextmanager
@@ -180,16 +186,8 @@ def download_verified(
         os.makedirs(os.path.dirname(local_path) or ".", exist_ok=True)
 
     def consume(source: IO[bytes]) -> tuple[int, str]:
-        digest = xxhash.xxh3_128()
-        size = 0
         with open(local_path, "wb") if local_path is not None else contextlib.nullcontext() as sink:
-            while chunk := source.read(CHUNK):
-                digest.update(chunk)
-                size += len(chunk)
-                callback.relative_update(len(chunk))
-                if sink is not None:
-                    sink.write(chunk)
-        return size, f"{ALGORITHM}:{digest.hexdigest()}"
+            return _hash_stream(source, sink, callback)
 
     try:
         size, actual = storage.read_file(rel, consume)

@@ -9,7 +9,7 @@ anything: the manager deletes what :func:`decide` does not keep.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, Protocol, Sequence
+from typing import Protocol, Sequence
 
 from ckptman.policy.best import Metric, top_k
 from ckptman.policy.save import require_int
@@ -98,8 +98,3 @@ def decide(records: Sequence[CheckpointRecord], rules: Sequence[RetentionRule]) 
         for step, reason in rule.keep(records).items():
             reasons.setdefault(step, []).append(reason)
     return {step: tuple(why) for step, why in sorted(reasons.items())}
-
-
-def to_delete(records: Sequence[CheckpointRecord], kept: Mapping[int, object]) -> list[CheckpointRecord]:
-    """Records not kept, oldest first."""
-    return sorted((r for r in records if r.step not in kept), key=lambda r: r.step)
