@@ -8,6 +8,12 @@ deletes it on close. A second writer gets :class:`DirectoryLockedError` naming
 the holder. A lease not renewed for longer than ``timeout`` (its holder was
 killed) may be taken over, with a warning.
 
+Takeover, renewal and release are compare-and-swap on the exact lease object
+read (:meth:`Storage.replace_if`: S3 ``If-Match``, GCS ``ifGenerationMatch``,
+a guarded replace on local disk): of managers racing to take over one stale
+lease exactly one wins, and a writer resumed from a long pause cannot
+overwrite the lease of the writer that took over from it.
+
 A lease is stale when it was not renewed within the longer of the holder's
 and the newcomer's timeout (so a newcomer with a short timeout cannot take a
 live writer's lease), or at once when its holder was a process on this same
@@ -28,13 +34,18 @@ import uuid
 import warnings
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
+from typing import NoReturn
 
 from ckptman.errors import DirectoryLockedError, LeaseLostError, PolicyConfigError
 from ckptman.retry import RetryPolicy
 from ckptman.staging import pid_alive
-from ckptman.storage import Storage
+from ckptman.storage import Storage, Versioned
 
 LEASE_NAME = "ckptman.lock"
+# A takeover that finds the lease released meanwhile creates it again; this bounds how often.
+_ACQUIRE_ROUNDS = 3
+# A version token no object has: an S3 ETag is a quoted hash, a GCS generation a microsecond timestamp.
+_NO_SUCH_VERSION = "1"
 UNREADABLE = "unreadable"
 logger = logging.getLogger("ckptman")
 
@@ -93,28 +104,72 @@ class Lease:
         self._thread: threading.Thread | None = None
 
     def acquire(self) -> None:
-        """Take the lease, or take over a stale one; DirectoryLockedError when another writer holds it."""
-        if self._storage.create_exclusive(LEASE_NAME, self.holder.to_bytes()):
-            self._start_renewing()
-            return
-        current = self._read()
-        now = time.time()
-        if current is not None and not self._is_stale(current, now):
-            raise DirectoryLockedError(
-                f"{self._storage.url} is being written by another checkpoint manager: {current.describe(now)}. "
-                f"Open it with read_only=True to read; a lease not renewed for lease_timeout={self.timeout:g}s "
-                "can be taken over"
+        """Take the lease, or take over a stale one; DirectoryLockedError when another writer holds it.
+
+        A takeover replaces exactly the lease object that was judged stale
+        (compare-and-swap): of several managers taking over at once, one wins
+        and the others find its fresh lease and are refused.
+        """
+        mine = self.holder.to_bytes()
+        for _ in range(_ACQUIRE_ROUNDS):
+            if self._storage.create_exclusive(LEASE_NAME, mine):
+                break
+            try:
+                current = self._storage.read_versioned(LEASE_NAME)
+            except FileNotFoundError:
+                continue  # released between the create and the read: create again
+            holder = _holder(current)
+            if holder.id == self.holder.id:
+                break  # a retried create whose first attempt landed
+            now = time.time()
+            if not self._is_stale(holder, now):
+                raise DirectoryLockedError(
+                    f"{self._storage.url} is being written by another checkpoint manager: {holder.describe(now)}. "
+                    f"Open it with read_only=True to read; a lease not renewed for lease_timeout={self.timeout:g}s "
+                    "can be taken over"
+                )
+            warnings.warn(
+                f"taking over the stale lease of {self._storage.url} held by {holder.describe(now)}; "
+                "that writer stopped renewing it",
+                LeaseWarning,
+                stacklevel=6,  # the CheckpointManager(...) call: acquire < _take_lease < lambda < on_coordinator < __init__
             )
-        who = current.describe(now) if current else "a writer that already left"
-        warnings.warn(
-            f"taking over the stale lease of {self._storage.url} held by {who}; that writer stopped renewing it",
-            LeaseWarning,
-            stacklevel=6,  # the CheckpointManager(...) call: acquire < _take_lease < lambda < on_coordinator < __init__
-        )
-        self._storage.remove(LEASE_NAME)
-        if not self._storage.create_exclusive(LEASE_NAME, self.holder.to_bytes()):
+            if self._storage.replace_if(LEASE_NAME, mine, current) or self._holds():
+                break
             raise DirectoryLockedError(f"another manager took over the stale lease of {self._storage.url} first")
+        else:
+            raise DirectoryLockedError(
+                f"the lease of {self._storage.url} kept changing while this manager tried to take it; "
+                "another writer is opening the directory: retry, or open it with read_only=True"
+            )
+        self._check_conditions_hold(mine)
         self._start_renewing()
+
+    def _holds(self) -> bool:
+        """Whether the lease on storage is this manager's (after a conditional write answered 'changed')."""
+        try:
+            return _holder(self._storage.read_versioned(LEASE_NAME)).id == self.holder.id
+        except FileNotFoundError:
+            return False
+
+    def _check_conditions_hold(self, mine: bytes) -> None:
+        """Say so when this backend's lease cannot be compare-and-swap (once per open, in the log).
+
+        A store that silently ignores ``If-Match`` / ``ifGenerationMatch`` is
+        found by one conditional write that must fail: it names a version no
+        object has. If the store accepts it, it rewrote our own lease with the
+        same bytes, which changes nothing.
+        """
+        kind = self._storage.compare_and_swap
+        if kind == "server" and self._storage.replace_if(LEASE_NAME, mine, Versioned(mine, _NO_SUCH_VERSION)):
+            kind = "none"
+        if kind == "none":
+            logger.warning(
+                "%s: this storage does not make a replace conditional on the version read, so a lease takeover "
+                "and renewal are a read followed by a write; two managers taking over one stale lease at the same "
+                "moment could both proceed (see docs/guarantees.md)",
+                self._storage.url,
+            )
 
     def _is_stale(self, holder: Holder, now: float) -> bool:
         """Not renewed within the longer of both timeouts, or held by a dead process on this host."""
@@ -129,20 +184,40 @@ class Lease:
 
     def check(self) -> None:
         """Raise LeaseLostError unless this manager still holds the lease (read before every write)."""
+        self._current()
+
+    def _current(self) -> Versioned:
+        """The lease object on storage, which must be this manager's; else the lease is lost."""
         self.raise_if_lost()
-        current = self._read()
-        if current is None or current.id != self.holder.id:
-            who = current.describe(time.time()) if current else "nobody"
-            self._lost = LeaseLostError(f"the lease is now held by {who}")
-            raise LeaseLostError(
-                f"this manager no longer holds the lease on {self._storage.url} (held by {who}); "
-                "another job took over the directory, so nothing more is written"
-            )
+        try:
+            current: Versioned | None = self._storage.read_versioned(LEASE_NAME)
+        except FileNotFoundError:
+            current = None
+        holder = _holder(current) if current is not None else None
+        if current is None or holder is None or holder.id != self.holder.id:
+            self._lose(f"held by {holder.describe(time.time()) if holder else 'nobody'}")
+        return current
+
+    def _lose(self, why: str) -> NoReturn:
+        self._lost = LeaseLostError(f"the lease is now {why}")
+        raise LeaseLostError(
+            f"this manager no longer holds the lease on {self._storage.url} ({why}); "
+            "another job took over the directory, so nothing more is written"
+        )
 
     def renew(self) -> None:
-        self.check()
-        self.holder = replace(self.holder, renewed=time.time())
-        self._storage.write_atomic(LEASE_NAME, self.holder.to_bytes())
+        """Move the renewal time forward, conditional on the lease object being the one just read as ours.
+
+        A writer resumed after a long pause (SIGSTOP, a frozen VM) whose lease
+        was taken over meanwhile fails the condition instead of overwriting
+        its successor's lease.
+        """
+        current = self._current()
+        renewed = replace(self.holder, renewed=time.time())
+        # A failed condition with our id still stored means a retried replace whose first attempt landed.
+        if not self._storage.replace_if(LEASE_NAME, renewed.to_bytes(), current) and not self._holds():
+            self._lose("taken over by another writer while this one renewed it")
+        self.holder = renewed
 
     def release(self, wait: bool = True) -> None:
         """Stop renewing; the renewal thread deletes the lease if it is still ours.
@@ -159,9 +234,6 @@ class Lease:
     def release_from_finalizer(self) -> None:
         self.release(wait=threading.current_thread() is threading.main_thread())
 
-    def _read(self) -> Holder | None:
-        return _read(self._storage)
-
     def _start_renewing(self) -> None:
         self._thread = threading.Thread(target=self._renew_loop, name=f"ckptman-lease {self._storage.url}", daemon=True)
         self._thread.start()
@@ -177,16 +249,15 @@ class Lease:
         # Best effort, one attempt: at interpreter exit the storage may already be gone.
         storage = self._storage.with_retry(RetryPolicy(attempts=1))
         try:
-            current = _read(storage)
-            if current is not None and current.id == self.holder.id:
-                storage.remove(LEASE_NAME)
+            current = storage.read_versioned(LEASE_NAME)
+            if _holder(current).id == self.holder.id:
+                storage.remove_if(LEASE_NAME, current)
+        except FileNotFoundError:
+            pass
         except Exception as exc:  # noqa: BLE001 - nobody to tell; the lease just goes stale
             logger.warning("could not release the lease on %s: %s", self._storage.url, exc)
 
 
-def _read(storage: Storage) -> Holder | None:
-    try:
-        data = storage.read_small(LEASE_NAME)
-    except FileNotFoundError:
-        return None
-    return Holder.from_bytes(data) or Holder(UNREADABLE, "?", 0, 0.0, 0.0)
+def _holder(lease: Versioned) -> Holder:
+    """An unreadable lease counts as held by an unknown writer that never renews."""
+    return Holder.from_bytes(lease.data) or Holder(UNREADABLE, "?", 0, 0.0, 0.0)

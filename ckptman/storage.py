@@ -17,13 +17,24 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import errno
+import functools
 import io
+import json
+import logging
 import os
 import posixpath
+import threading
+import time
 import uuid
+from dataclasses import dataclass
 from typing import IO, Any, Callable, Mapping, TypeVar
+from urllib.parse import quote
+
+import xxhash
 
 import fsspec
+import fsspec.asyn
 from fsspec.implementations.local import LocalFileSystem
 
 from ckptman.errors import (
@@ -35,8 +46,12 @@ from ckptman.errors import (
 from ckptman.retry import RetryPolicy
 
 T = TypeVar("T")
+logger = logging.getLogger("ckptman")
 
 _TMP_PREFIX = ".ckptman-tmp-"
+# Locked instead of the folder where a folder cannot be (NFS); see _LocalVersions. Never deleted.
+_GUARD_NAME = ".ckptman-guard"
+_NO_FOLDER_LOCKS = frozenset({errno.EBADF, errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL})
 _EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}
 
 
@@ -75,6 +90,7 @@ class Storage:
         protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
         # Only the protocol and path: never storage_options, which may hold credentials.
         self.url = self.root if self.is_local else f"{protocol}://{self.root.lstrip('/')}"
+        self._versions = _versions_for(self.fs, protocol, self.is_local)
         self._check_location()
 
     def __repr__(self) -> str:
@@ -116,10 +132,6 @@ class Storage:
 
     def read_bytes(self, rel: str) -> bytes:
         return self._guard("read", rel, lambda: self.fs.cat_file(self.path(rel)))
-
-    def read_small(self, rel: str, limit: int = 1 << 20) -> bytes:
-        """A small file in one request: a ranged read needs no size lookup first (s3fs sends HEAD + GET otherwise)."""
-        return self._guard("read", rel, lambda: self.fs.cat_file(self.path(rel), start=0, end=limit))
 
     def read_many(self, rels: list[str]) -> dict[str, bytes]:
         """Read several small files at once (concurrently on async backends); missing ones are left out."""
@@ -243,13 +255,37 @@ class Storage:
         def remote() -> bool:
             try:
                 self.fs.pipe_file(path, data, mode="create")
-            except FileExistsError:
-                return False
+            except OSError as exc:
+                if precondition_failed(exc):
+                    return False
+                raise
             finally:
                 self.fs.invalidate_cache(path)
             return True
 
         return bool(self._guard("create", rel, local if self.is_local else remote))
+
+    # -- compare-and-swap of small files (the lease) --------------------------
+    @property
+    def compare_and_swap(self) -> CompareAndSwap:
+        """How this backend makes :meth:`replace_if` and :meth:`remove_if` conditional."""
+        return self._versions.kind
+
+    def read_versioned(self, rel: str) -> Versioned:
+        """A small file and the version token of exactly those bytes, in one request; FileNotFoundError if absent."""
+        return self._guard("read", rel, lambda: self._versions.read(self.fs, self.path(rel)))
+
+    def replace_if(self, rel: str, data: bytes, expected: Versioned) -> bool:
+        """Replace a small file only if it is still the version read; False if it changed or is gone.
+
+        A retried request whose first attempt landed answers False too (the
+        version changed: by this very write); callers re-read to tell.
+        """
+        return bool(self._guard("replace", rel, lambda: self._versions.replace(self.fs, self.path(rel), data, expected)))
+
+    def remove_if(self, rel: str, expected: Versioned) -> bool:
+        """Delete a small file only if it is still the version read; False if it changed (gone counts as done)."""
+        return bool(self._guard("delete", rel, lambda: self._versions.remove(self.fs, self.path(rel), expected)))
 
     def sync_folder(self, rel: str) -> None:
         """Make the folder's entries durable before it is committed (local disk only)."""
@@ -275,6 +311,33 @@ class Storage:
                 pass
             finally:
                 self.fs.invalidate_cache(path)
+
+        self._guard("delete", rel, delete)
+
+    def is_empty_folder(self, rel: str) -> bool:
+        """A folder that lists but holds no file (an object store's leftover prefix, an empty local folder)."""
+        return not self.list_files(rel)
+
+    def remove_empty_folder(self, rel: str) -> None:
+        """Delete a folder that holds no file, including the folder entries some object stores keep.
+
+        SeaweedFS (and other filer-backed S3 gateways) keep listing a prefix
+        after its last object is deleted; deleting the folder's own key,
+        innermost first, removes it. On stores without such entries the
+        deletes are no-ops.
+        """
+        top = self.path(rel)
+
+        def delete() -> None:
+            self.fs.invalidate_cache(top)
+            folders = [folder for folder, _dirs, _files in self.fs.walk(top)] or [top]
+            for folder in sorted(folders, key=len, reverse=True):
+                with contextlib.suppress(FileNotFoundError):
+                    if self.is_local:
+                        os.rmdir(folder)
+                    else:
+                        self.fs.rm_file(folder)
+            self.fs.invalidate_cache(top)
 
         self._guard("delete", rel, delete)
 
@@ -304,6 +367,270 @@ class Storage:
             raise
         except Exception as exc:  # noqa: BLE001 - any backend's error, turned into one typed error
             raise StorageError(f"could not {action} {where}: {type(exc).__name__}: {exc}") from exc
+
+
+CompareAndSwap = str
+"""``"server"``: the store checks the condition (S3 ``If-Match``, GCS ``ifGenerationMatch``);
+``"local"``: a file lock on this filesystem serialises the compare and the replace;
+``"process"``: one process owns the filesystem (``memory://``), a lock in it suffices;
+``"none"``: no conditional replace is known for the backend: a plain read-then-write."""
+
+
+@dataclass(frozen=True)
+class Versioned:
+    """A small file's bytes and a token naming exactly that version (ETag, generation, content hash)."""
+
+    data: bytes
+    version: str
+
+
+def precondition_failed(exc: BaseException) -> bool:
+    """Whether a store refused a conditional write because its condition did not hold (HTTP 412).
+
+    s3fs turns a 412 into ``FileExistsError`` only when the XML names the
+    ``If-None-Match`` condition; SeaweedFS, versitygw and others omit that
+    element, which s3fs reports as ``OSError(EINVAL, "At least one of the
+    pre-conditions you specified did not hold")``. gcsfs raises
+    ``FileExistsError`` for every 412.
+    """
+    for error in (exc, exc.__cause__):
+        if isinstance(error, FileExistsError):
+            return True
+        response = getattr(error, "response", None)
+        if isinstance(response, dict):
+            if response.get("Error", {}).get("Code") == "PreconditionFailed":
+                return True
+            if response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 412:
+                return True
+        if getattr(error, "code", None) == 412:
+            return True
+    return isinstance(exc, OSError) and "pre-conditions you specified did not hold" in str(exc)
+
+
+def _content_version(data: bytes) -> str:
+    return xxhash.xxh3_128_hexdigest(data)
+
+
+class _PlainVersions:
+    """No conditional replace: read, then write unconditionally (what every backend supports)."""
+
+    kind: CompareAndSwap = "none"
+    _READ_LIMIT = 1 << 20
+
+    def read(self, fs: Any, path: str) -> Versioned:
+        data = fs.cat_file(path, start=0, end=self._READ_LIMIT)
+        return Versioned(data, _content_version(data))
+
+    def replace(self, fs: Any, path: str, data: bytes, expected: Versioned) -> bool:
+        fs.pipe_file(path, data)
+        fs.invalidate_cache(path)
+        return True
+
+    def remove(self, fs: Any, path: str, expected: Versioned) -> bool:
+        with contextlib.suppress(FileNotFoundError):
+            fs.rm_file(path)
+        fs.invalidate_cache(path)
+        return True
+
+
+class _ProcessVersions(_PlainVersions):
+    """``memory://`` lives in one process: a lock there makes compare-and-replace atomic."""
+
+    kind: CompareAndSwap = "process"
+    _lock = threading.Lock()
+
+    def _still(self, fs: Any, path: str, expected: Versioned) -> bool:
+        try:
+            return _content_version(fs.cat_file(path)) == expected.version
+        except FileNotFoundError:
+            return False
+
+    def replace(self, fs: Any, path: str, data: bytes, expected: Versioned) -> bool:
+        with self._lock:
+            return self._still(fs, path, expected) and super().replace(fs, path, data, expected)
+
+    def remove(self, fs: Any, path: str, expected: Versioned) -> bool:
+        with self._lock:
+            return not fs.exists(path) or (self._still(fs, path, expected) and super().remove(fs, path, expected))
+
+
+class _LocalVersions:
+    """Local disk: compare and replace under an exclusive ``flock`` of the folder holding the file.
+
+    POSIX has no compare-and-rename, so the lock serialises every conditional
+    replace (and delete) between processes; the replace itself is still a
+    temporary file renamed over the target, so readers never need the lock.
+    Where folders cannot be locked (NFS) a guard file beside it is locked instead.
+    A process killed while holding it releases it (the kernel drops the lock);
+    one stopped (SIGSTOP) inside the few-microsecond window holds it, so the
+    wait is bounded.
+    """
+
+    kind: CompareAndSwap = "local"
+    _WAIT = 30.0
+
+    def read(self, fs: Any, path: str) -> Versioned:
+        with open(path, "rb") as f:
+            data = f.read()
+        return Versioned(data, _content_version(data))
+
+    @contextlib.contextmanager
+    def _guard(self, path: str) -> Any:
+        folder = os.path.dirname(path)
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            try:
+                self._lock(fd, folder)
+            except OSError as exc:
+                if isinstance(exc, BlockingIOError) or exc.errno not in _NO_FOLDER_LOCKS:
+                    raise
+                # NFS emulates flock with byte-range locks, which need a file open for writing.
+                os.close(fd)
+                fd = os.open(os.path.join(folder, _GUARD_NAME), os.O_RDWR | os.O_CREAT, 0o644)
+                self._lock(fd, folder)
+            yield
+        finally:
+            os.close(fd)  # closing the descriptor releases the lock
+
+    def _lock(self, fd: int, folder: str) -> None:
+        import fcntl
+
+        deadline = time.monotonic() + self._WAIT
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise StorageError(
+                        f"the lock on {folder} stayed taken for {self._WAIT:g}s: a process holding it is stopped; "
+                        "resume or kill it, then retry"
+                    ) from None
+                time.sleep(0.005)
+
+    def _still(self, path: str, expected: Versioned) -> bool:
+        try:
+            return self.read(None, path).version == expected.version
+        except FileNotFoundError:
+            return False
+
+    def replace(self, fs: Any, path: str, data: bytes, expected: Versioned) -> bool:
+        with self._guard(path):
+            return self._still(path, expected) and _publish_local(path, data, exclusive=False)
+
+    def remove(self, fs: Any, path: str, expected: Versioned) -> bool:
+        with self._guard(path):
+            if not os.path.exists(path):
+                return True
+            if not self._still(path, expected):
+                return False
+            os.unlink(path)
+            _fsync_dir(os.path.dirname(path))
+            return True
+
+
+class _S3Versions(_PlainVersions):
+    """S3 and S3-compatible stores: ``If-Match: <ETag>`` on PutObject and DeleteObject."""
+
+    kind: CompareAndSwap = "server"
+
+    def read(self, fs: Any, path: str) -> Versioned:
+        bucket, key, _ = fs.split_path(path)
+
+        async def get() -> Versioned:
+            # One GET answers both: the bytes and the ETag of exactly those bytes.
+            response = await fs._call_s3("get_object", Bucket=bucket, Key=key, Range=f"bytes=0-{self._READ_LIMIT - 1}")
+            try:
+                return Versioned(await response["Body"].read(), response["ETag"])
+            finally:
+                response["Body"].close()
+
+        return fsspec.asyn.sync(fs.loop, get)
+
+    def replace(self, fs: Any, path: str, data: bytes, expected: Versioned) -> bool:
+        # AWS and moto answer 404 to If-Match on a missing key, SeaweedFS 412: both mean "not the version read".
+        return _conditional(fs, path, lambda: fs.pipe_file(path, data, IfMatch=expected.version), if_gone=False)
+
+    def remove(self, fs: Any, path: str, expected: Versioned) -> bool:
+        bucket, key, _ = fs.split_path(path)
+        delete = functools.partial(
+            fsspec.asyn.sync, fs.loop, fs._call_s3, "delete_object", Bucket=bucket, Key=key, IfMatch=expected.version
+        )
+        return _conditional(fs, path, delete, if_gone=True)
+
+
+class _GCSVersions(_PlainVersions):
+    """Google Cloud Storage: ``ifGenerationMatch=<generation>`` on uploads and deletes."""
+
+    kind: CompareAndSwap = "server"
+
+    def read(self, fs: Any, path: str) -> Versioned:
+        headers, data = fsspec.asyn.sync(
+            fs.loop, fs._call, "GET", fs.url(path), headers={"Range": f"bytes=0-{self._READ_LIMIT - 1}"}
+        )
+        return Versioned(data, str(headers["X-Goog-Generation"]))
+
+    def replace(self, fs: Any, path: str, data: bytes, expected: Versioned) -> bool:
+        bucket, key, _ = fs.split_path(path)
+        # gcsfs's uploads know only "create" (generation 0), so the multipart upload it sends is spelled out here.
+        body = (
+            b'--==0==\nContent-Type: application/json; charset=UTF-8\n\n'
+            + json.dumps({"name": key}).encode()
+            + b"\n--==0==\nContent-Type: application/octet-stream\n\n"
+            + data
+            + b"\n--==0==--"
+        )
+        upload = functools.partial(
+            fsspec.asyn.sync,
+            fs.loop,
+            fs._call,
+            "POST",
+            f"{fs._location}/upload/storage/v1/b/{quote(bucket)}/o",
+            uploadType="multipart",
+            ifGenerationMatch=expected.version,
+            headers={"Content-Type": 'multipart/related; boundary="==0=="'},
+            data=body,
+            json_out=True,
+        )
+        return _conditional(fs, path, upload, if_gone=False)
+
+    def remove(self, fs: Any, path: str, expected: Versioned) -> bool:
+        bucket, key, _ = fs.split_path(path)
+        delete = functools.partial(
+            fsspec.asyn.sync, fs.loop, fs._call, "DELETE", "b/{}/o/{}", bucket, key, ifGenerationMatch=expected.version
+        )
+        return _conditional(fs, path, delete, if_gone=True)
+
+
+def _conditional(fs: Any, path: str, request: Callable[[], object], *, if_gone: bool) -> bool:
+    """Send a conditional request: True if it took effect, False if its condition did not hold.
+
+    ``if_gone`` answers for an object that is not there (a delete is then done, a replace is not).
+    """
+    try:
+        request()
+    except FileNotFoundError:
+        return if_gone
+    except OSError as exc:
+        if precondition_failed(exc):
+            return False
+        raise
+    finally:
+        fs.invalidate_cache(path)
+    return True
+
+
+def _versions_for(fs: Any, protocol: str, is_local: bool) -> _PlainVersions | _LocalVersions:
+    """The compare-and-swap mechanics of one filesystem, chosen once by its protocol."""
+    if is_local:
+        return _LocalVersions()
+    if protocol in ("s3", "s3a") and hasattr(fs, "_call_s3"):
+        return _S3Versions()
+    if protocol in ("gs", "gcs") and hasattr(fs, "_call") and hasattr(fs, "_location"):
+        return _GCSVersions()
+    if protocol == "memory":
+        return _ProcessVersions()
+    return _PlainVersions()
 
 
 class _ProducerError(Exception):

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from ckptman import CheckpointManager, DirectoryLockedError, LeaseLostError, LeaseWarning, PolicyConfigError
-from ckptman.lease import LEASE_NAME
+from ckptman.lease import LEASE_NAME, Lease
+from ckptman.storage import Storage
 
 LEASED = ["local", "memory", "s3", "gcs"]
 
@@ -152,3 +153,166 @@ def test_a_writer_that_lost_its_lease_deletes_and_reports_nothing(backend: Any) 
             mgr.refresh()
     with open_manager(backend, read_only=True) as reader:
         assert reader.all_steps() == [1] and reader.metrics(1) == {}
+
+
+# -- compare-and-swap: takeover races and paused writers ---------------------------------------------
+
+REMOTE_LEASED = ["s3", "seaweedfs", "gcs"]
+RACERS = 8
+
+
+def stale_lease(backend: Any) -> None:
+    """A directory whose lease was left by a writer on another host that stopped renewing long ago."""
+    open_manager(backend).close()
+    long_ago = time.time() - 3600
+    write_lease(backend, {"id": "dead", "host": "gpu-node-7", "pid": 4242, "since": long_ago, "renewed": long_ago, "timeout": 60})
+
+
+def race_for_the_lease(backend: Any, outcomes: Any, start: Any, done: Any) -> None:
+    """One racer: wait for the others, try to take the lease, report, hold a won lease until all reported."""
+    lease = Lease(Storage(backend.url, backend.storage_options), 60)
+    start.wait()
+    try:
+        lease.acquire()
+    except DirectoryLockedError:
+        outcomes.put(("refused", None))
+        return
+    except BaseException as exc:  # noqa: BLE001 - the test reports it
+        outcomes.put(("unexpected", repr(exc)))
+        return
+    outcomes.put(("won", lease.holder.id))
+    done.wait(60)
+    lease.release()
+
+
+@pytest.mark.filterwarnings("ignore::ckptman.LeaseWarning")
+@pytest.mark.parametrize("backend", LEASED, indirect=True)
+def test_of_managers_racing_to_take_over_a_stale_lease_exactly_one_wins(backend: Any) -> None:
+    """The racers are managers' leases, each on its own Storage, released by one barrier so that they
+    all judge the same stale lease object (a whole manager's start-up would spread them out). On
+    local disk they are processes (forked: threads of one process hardly overlap on local I/O); on
+    the remote stores and memory:// they are threads, whose requests overlap on the event loop."""
+    import multiprocessing
+    import queue
+    import sys
+    import threading
+
+    stale_lease(backend)
+    switch_interval = sys.getswitchinterval()
+    if backend.name == "local":
+        context = multiprocessing.get_context("fork")
+        outcomes: Any = context.Queue()
+        start: Any = context.Barrier(RACERS)
+        done: Any = context.Event()
+        racers: list[Any] = [context.Process(target=race_for_the_lease, args=(backend, outcomes, start, done)) for _ in range(RACERS)]
+    else:
+        outcomes, start, done = queue.Queue(), threading.Barrier(RACERS), threading.Event()
+        racers = [threading.Thread(target=race_for_the_lease, args=(backend, outcomes, start, done)) for _ in range(RACERS)]
+        sys.setswitchinterval(1e-6)  # interleave the threads' Python code as finely as processes would
+    for racer in racers:
+        racer.start()
+    try:
+        results = [outcomes.get(timeout=60) for _ in racers]
+        assert not [detail for kind, detail in results if kind == "unexpected"], results
+        winners = [detail for kind, detail in results if kind == "won"]
+        assert len(winners) == 1, f"{len(winners)} of {RACERS} managers took over the same stale lease"
+        assert lease_of(backend)["id"] == winners[0]
+    finally:
+        sys.setswitchinterval(switch_interval)
+        done.set()
+        for racer in racers:
+            racer.join(60)
+    with open_manager(backend) as mgr:  # the winner released it on its way out
+        assert mgr.save(1, {"w": torch.ones(1)})
+
+
+def start_writer(backend: Any, lease_timeout: float, **config: Any) -> Any:
+    import subprocess
+    import sys
+
+    script = os.path.join(os.path.dirname(__file__), "lease_child.py")
+    spec = {"url": backend.url, "storage_options": backend.storage_options, "lease_timeout": lease_timeout, **config}
+    child = subprocess.Popen(
+        [sys.executable, script, json.dumps(spec)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert child.stdout is not None
+    return child
+
+
+def expect_line(child: Any, prefix: str, timeout: float = 60) -> str:
+    import select
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([child.stdout], [], [], 0.5)
+        if ready:
+            line = child.stdout.readline()
+            if line.startswith(prefix):
+                return line.strip()
+            if not line:
+                break
+    child.kill()
+    raise AssertionError(f"the writer process never printed {prefix!r} (exit code {child.poll()})")
+
+
+def wait_until_stopped(pid: int, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with open(f"/proc/{pid}/stat") as f:
+            if f.read().rsplit(")", 1)[1].split()[0] == "T":
+                return
+        time.sleep(0.01)
+    raise AssertionError(f"process {pid} did not stop")
+
+
+@pytest.mark.filterwarnings("ignore::ckptman.LeaseWarning")
+@pytest.mark.parametrize("pause", ["idle", "renewal"])
+@pytest.mark.parametrize("backend", ["local", *REMOTE_LEASED], indirect=True)
+def test_a_writer_paused_past_its_lease_and_resumed_commits_nothing(backend: Any, pause: str) -> None:
+    """SIGSTOP between saves, or inside a renewal between reading the lease and replacing it (the
+    moment an unconditional renewal would overwrite the successor's lease): the resumed writer
+    raises LeaseLostError on its next call and the successor keeps the directory."""
+    import signal
+
+    timeout = 1.5
+    child = start_writer(backend, timeout, pause=pause, after_resume=timeout)
+    try:
+        expect_line(child, "ready")
+        if pause == "idle":
+            os.kill(child.pid, signal.SIGSTOP)
+        else:
+            expect_line(child, "paused")
+        wait_until_stopped(child.pid)
+        time.sleep(timeout * 1.5)  # the frozen writer's lease goes stale
+        with open_manager(backend, lease_timeout=timeout) as successor:
+            assert successor.save(2, {"w": torch.ones(2)}, force=True)
+            os.kill(child.pid, signal.SIGCONT)
+            child.stdin.write("go\n")
+            child.stdin.flush()
+            assert expect_line(child, "outcome") == "outcome LeaseLostError"
+            assert child.wait(30) == 0
+            assert lease_of(backend)["pid"] == os.getpid(), "the resumed writer overwrote or deleted its successor's lease"
+            assert successor.save(4, {"w": torch.ones(2)}, force=True)
+            assert successor.all_steps() == [1, 2, 4]
+    finally:
+        if child.poll() is None:
+            os.kill(child.pid, signal.SIGCONT)
+            child.kill()
+            child.wait()
+
+
+@pytest.mark.parametrize("backend", ["local", *REMOTE_LEASED], indirect=True)
+def test_a_directory_whose_writer_was_killed_opens_again_at_once(backend: Any) -> None:
+    import signal
+
+    child = start_writer(backend, 600)
+    try:
+        expect_line(child, "ready")
+    finally:
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait()
+    with pytest.warns(LeaseWarning, match=f"pid {child.pid}"):
+        mgr = open_manager(backend)
+    with mgr:
+        assert mgr.all_steps() == [1]
+        assert mgr.save(2, {"w": torch.ones(2)}, force=True)
