@@ -19,6 +19,7 @@ never one that looks complete.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -27,6 +28,8 @@ from ckptman.manifest import MANIFEST_NAME, Manifest
 from ckptman.naming import LATEST_NAME
 from ckptman.state import SIDECAR_NAME, SidecarState
 from ckptman.storage import Storage
+
+logger = logging.getLogger("ckptman")
 
 
 def manifest_path(name: str) -> str:
@@ -90,6 +93,22 @@ def uncommit(storage: Storage, name: str) -> None:
 def discard(storage: Storage, name: str) -> None:
     """Remove an uncommitted folder (a failed or abandoned save)."""
     storage.remove(name, recursive=True)
+
+
+def discard_incomplete(storage: Storage, name: str) -> None:
+    """Remove a checkpoint folder that has no manifest; warn only when it held files.
+
+    A folder with payload bytes and no manifest is an interrupted save. One
+    with no file left is not: some object stores (SeaweedFS) keep listing a
+    prefix after its last object is gone, e.g. deleted by retention, and a
+    warning on every reopen for those would teach users to ignore warnings.
+    """
+    if storage.is_empty_folder(name):
+        logger.debug("removing empty folder %s/%s", storage.url, name)
+    else:
+        logger.warning("removing incomplete checkpoint folder %s/%s (no manifest: an interrupted save)", storage.url, name)
+        discard(storage, name)
+    storage.remove_empty_folder(name)
 
 
 def write_sidecar(storage: Storage, state: SidecarState) -> None:

@@ -442,8 +442,7 @@ class CheckpointManager:
         if not self._read_only:
             self._check_lease()  # cleanup deletes: only the lease holder may
             for name in found.incomplete:
-                logger.warning("removing incomplete checkpoint folder %s/%s (no manifest: an interrupted save)", self.directory, name)
-                commit.discard(self._storage, name)
+                commit.discard_incomplete(self._storage, name)
             self._storage.remove_temporaries()
             staging_dirs.remove_stale()
             self._repair_sidecar()
