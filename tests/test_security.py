@@ -27,7 +27,13 @@ def test_credentials_never_leak(s3_backend: Any, caplog: Any, capsys: Any) -> No
             with pytest.raises(CheckpointError) as raised:
                 mgr.restore(99)
             seen.append(str(raised.value))
-        failing = {**options, "client_kwargs": {"endpoint_url": "http://127.0.0.1:9"}}
+        # Nothing listens on port 9; one attempt per call, so the error comes quickly.
+        failing = {
+            **options,
+            "client_kwargs": {"endpoint_url": "http://127.0.0.1:9"},
+            "config_kwargs": {"retries": {"max_attempts": 1}},
+            "retries": 1,
+        }
         with pytest.raises(CheckpointError) as raised:
             CheckpointManager(s3_backend.url, storage_options=failing, retry=RetryPolicy(attempts=2, initial_backoff=0.01))
         seen += [str(raised.value), repr(raised.value.__cause__)]
