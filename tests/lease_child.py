@@ -14,7 +14,6 @@ renewal thread runs again), tries to save step 3, prints ``outcome <name>``
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sys
 import threading
@@ -36,7 +35,8 @@ def stop_inside_renewal() -> None:
         if rel == LEASE_NAME and threading.current_thread().name.startswith("ckptman-lease") and armed.is_set():
             armed.clear()
             print("paused", flush=True)
-            os.kill(os.getpid(), signal.SIGSTOP)
+            # raise_signal stops this very thread before it returns; os.kill(getpid()) lets it run on a little.
+            signal.raise_signal(signal.SIGSTOP)
         return result
 
     Storage.read_versioned = read_then_freeze  # type: ignore[method-assign]

@@ -1,4 +1,4 @@
-"""Single writer per directory: the lease on local disk, memory://, S3 (If-None-Match) and GCS (ifGenerationMatch=0)."""
+"""Single writer per directory: the lease on local disk, memory://, S3 (moto and SeaweedFS) and GCS (fake-gcs-server)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ from ckptman import CheckpointManager, DirectoryLockedError, LeaseLostError, Lea
 from ckptman.lease import LEASE_NAME, Lease
 from ckptman.storage import Storage
 
-LEASED = ["local", "memory", "s3", "gcs"]
+REMOTE_LEASED = ["s3", "seaweedfs", "gcs"]
+LEASED = ["local", "memory", *REMOTE_LEASED]
 
 
 def open_manager(backend: Any, **kwargs: Any) -> CheckpointManager:
@@ -64,7 +65,7 @@ def test_stale_lease_of_a_stopped_writer_is_taken_over_with_a_warning(backend: A
         assert mgr.save(1, {"w": torch.ones(1)})
 
 
-@pytest.mark.parametrize("backend", ["local", "s3"], indirect=True)
+@pytest.mark.parametrize("backend", ["local", *REMOTE_LEASED], indirect=True)
 def test_unreadable_lease_counts_as_stale(backend: Any) -> None:
     open_manager(backend).close()
     fs, root = backend.fs()
@@ -73,7 +74,7 @@ def test_unreadable_lease_counts_as_stale(backend: Any) -> None:
         open_manager(backend).close()
 
 
-@pytest.mark.parametrize("backend", ["local", "s3"], indirect=True)
+@pytest.mark.parametrize("backend", ["local", *REMOTE_LEASED], indirect=True)
 def test_live_holder_keeps_renewing(backend: Any) -> None:
     with open_manager(backend, lease_timeout=0.6) as holder:
         first = lease_of(backend)["renewed"]
@@ -84,7 +85,7 @@ def test_live_holder_keeps_renewing(backend: Any) -> None:
         assert holder.save(1, {"w": torch.ones(1)})
 
 
-@pytest.mark.parametrize("backend", ["local", "memory", "s3"], indirect=True)
+@pytest.mark.parametrize("backend", LEASED, indirect=True)
 def test_writer_that_lost_its_lease_commits_nothing(backend: Any) -> None:
     with open_manager(backend) as mgr:
         mgr.save(1, {"w": torch.ones(1)})
@@ -116,7 +117,7 @@ def test_lease_is_released_when_the_manager_is_garbage_collected(tmp_path: Any) 
     CheckpointManager(str(tmp_path / "run")).close()
 
 
-@pytest.mark.parametrize("backend", ["local", "s3"], indirect=True)
+@pytest.mark.parametrize("backend", ["local", *REMOTE_LEASED], indirect=True)
 def test_lease_of_a_dead_process_on_this_host_is_taken_over_at_once(backend: Any) -> None:
     import subprocess
     import sys
@@ -130,7 +131,7 @@ def test_lease_of_a_dead_process_on_this_host_is_taken_over_at_once(backend: Any
         open_manager(backend).close()
 
 
-@pytest.mark.parametrize("backend", ["local", "s3"], indirect=True)
+@pytest.mark.parametrize("backend", ["local", *REMOTE_LEASED], indirect=True)
 def test_a_newcomer_with_a_short_timeout_cannot_take_a_live_lease(backend: Any) -> None:
     with open_manager(backend, lease_timeout=60):
         time.sleep(1.2)
@@ -138,7 +139,7 @@ def test_a_newcomer_with_a_short_timeout_cannot_take_a_live_lease(backend: Any) 
             open_manager(backend, lease_timeout=1)
 
 
-@pytest.mark.parametrize("backend", ["local", "s3"], indirect=True)
+@pytest.mark.parametrize("backend", ["local", *REMOTE_LEASED], indirect=True)
 def test_a_writer_that_lost_its_lease_deletes_and_reports_nothing(backend: Any) -> None:
     with open_manager(backend) as mgr:
         mgr.save(1, {"w": torch.ones(1)})
@@ -157,7 +158,6 @@ def test_a_writer_that_lost_its_lease_deletes_and_reports_nothing(backend: Any) 
 
 # -- compare-and-swap: takeover races and paused writers ---------------------------------------------
 
-REMOTE_LEASED = ["s3", "seaweedfs", "gcs"]
 RACERS = 8
 
 
