@@ -36,7 +36,7 @@ renamed yet; payload: part of the bytes are written) or ``after`` it:
     report    ckptman.commit.rewrite (a manifest replaced with later metrics)
     latest    Storage.write_atomic("latest")
     sidecar   Storage.write_atomic("ckptman.json")
-    lock      Storage.write_atomic("ckptman.lock") (lease renewal, background thread)
+    lock      Storage.replace_if("ckptman.lock") (lease renewal, background thread)
     delete    each Storage.remove() inside ckptman.commit.uncommit (retention deletes)
 
 Nothing in ckptman itself knows about this.
@@ -200,7 +200,7 @@ class Hook:
 
         hook = self
         Storage = storage_module.Storage
-        atomic_targets = {LATEST_NAME: "latest", SIDECAR_NAME: "sidecar", LEASE_NAME: "lock"}
+        atomic_targets = {LATEST_NAME: "latest", SIDECAR_NAME: "sidecar"}
 
         def phase(target: str, call: Callable[[], Any], detail: str = "", mid_ok: bool = True) -> Any:
             when = hook.arm(target)
@@ -244,6 +244,7 @@ class Hook:
 
         # -- storage primitives
         original_write_atomic, original_remove, original_write_file = Storage.write_atomic, Storage.remove, Storage.write_file
+        original_replace_if = Storage.replace_if
         original_write_temporary = storage_module._write_temporary
 
         def write_atomic(self: Any, rel: str, data: bytes) -> None:
@@ -251,6 +252,11 @@ class Hook:
             if target is None:  # manifests: attributed by commit()/rewrite() above
                 return original_write_atomic(self, rel, data)
             return phase(target, lambda: original_write_atomic(self, rel, data), rel, mid_ok=self.is_local)
+
+        def replace_if(self: Any, rel: str, data: bytes, expected: Any) -> bool:
+            if rel != LEASE_NAME:
+                return original_replace_if(self, rel, data, expected)
+            return phase("lock", lambda: original_replace_if(self, rel, data, expected), rel, mid_ok=self.is_local)
 
         def write_temporary(folder: str, name: str, data: bytes) -> str:
             tmp = original_write_temporary(folder, name, data)
@@ -280,6 +286,7 @@ class Hook:
             return result
 
         Storage.write_atomic, Storage.remove, Storage.write_file = write_atomic, remove, write_file
+        Storage.replace_if = replace_if
         storage_module._write_temporary = write_temporary
 
 

@@ -1,7 +1,8 @@
 """Crash harness: a training-like child process (tests/crash_child.py) is SIGKILLed at
 random moments -- inside payload writes, the manifest write, ``latest``, the sidecar,
 lease renewals, retention deletes and ``report()`` rewrites, or after a random delay --
-on local disk and on S3 (moto, served from this process, so it survives the kill).
+on local disk, on S3 (moto, served from this process, so it survives the kill) and,
+fewer times, on SeaweedFS (a second S3 implementation, its own server process).
 
 After every kill a fresh writable manager (taking over the dead child's lease) must:
 
@@ -26,7 +27,7 @@ torch once (a fresh interpreter costs ~3 s of imports); set
 ``CKPTMAN_CRASH_SPAWN=1`` to start every child as a new interpreter instead.
 
 Environment:
-    CKPTMAN_CRASH_TRIALS  trials (children killed) per backend, default 32
+    CKPTMAN_CRASH_TRIALS  trials (children killed) per backend, default 32 (SeaweedFS: a quarter)
     CKPTMAN_CRASH_SEED    seed of the kill schedule, default 0; "random" picks one
     CKPTMAN_CRASH_SPAWN   1: a new interpreter per child instead of a fork
 """
@@ -367,6 +368,9 @@ class Stats:
     repaired: collections.Counter[str] = field(default_factory=collections.Counter)
     trials: int = 0
     killed: int = 0
+    opened: int = 0  # children that opened the directory (held the lease)
+    stalled: int = 0  # children killed before they opened it: only a kill timed from the launch may do that
+    progressed: int = 0  # children that committed at least one new checkpoint before they died
     staging_leaked: int = 0
     missed: list[str] = field(default_factory=list)
     seconds: collections.Counter[str] = field(default_factory=collections.Counter)
@@ -426,7 +430,7 @@ class Harness:
     def trial(self, backend: Any, model: Model, index: int) -> None:
         kill = choose_kill(self.rng, self.local)
         options = dict(backend.storage_options)
-        if backend.name == "s3":
+        if backend.protocol == "s3":
             options["default_block_size"] = S3_BLOCK
         config = {
             "url": backend.url,
@@ -470,6 +474,7 @@ class Harness:
             assert exitcode == 0 and lines[-1:] == ["finished"], f"{where}: the child failed (exit {exitcode})\n{text}"
 
         self.stats.trials += 1
+        self.count_progress(lines, kill, where, text)
         try:
             allowed, inflight = model.replay(lines)
         except AssertionError as exc:
@@ -492,12 +497,23 @@ class Harness:
         self.check(backend, model, allowed, died, where, text)
         self.stats.seconds["checks"] += time.monotonic() - died
 
+    def count_progress(self, lines: list[str], kill: dict[str, Any], where: str, text: str) -> None:
+        """A child that cannot open the directory makes every later check vacuous: count it, and fail
+        unless the kill was timed from the launch (the only kill that may land before the open)."""
+        if any(line.startswith("opened ") for line in lines):
+            self.stats.opened += 1
+        else:
+            assert kill.get("from") == "launch", f"{where}: the child never opened the directory\n{text}"
+            self.stats.stalled += 1
+        if any(line.startswith("done save ") and line.endswith(" 1") for line in lines):
+            self.stats.progressed += 1
+
     # -- the fresh manager's view ------------------------------------------------
     def check(
         self, backend: Any, model: Model, allowed: list[Stage], died: float, where: str, log: str
     ) -> None:
-        # S3: let moto finish any request the child had sent in full before it died.
-        time.sleep(max(0.0, died + (S3_SETTLE if backend.name == "s3" else 0.0) - time.monotonic()))
+        # Object stores: let the server finish any request the child had sent in full before it died.
+        time.sleep(max(0.0, died + (S3_SETTLE if backend.has_buckets else 0.0) - time.monotonic()))
         before = raw_files(backend)
         debris = describe_debris(before)
         for item in debris:
@@ -631,6 +647,7 @@ def summary(name: str, seed: int, stats: Stats, seconds: float) -> str:
             f" ({'spawned interpreters' if SPAWN else 'forked from a zygote'})"
         )
     ]
+    out.append(f"  children: {stats.opened} opened the directory, {stats.stalled} were killed before, {stats.progressed} committed")
     out.append("  kills by phase: " + ", ".join(f"{k}={v}" for k, v in sorted(stats.kills.items())))
     out.append("  operation in flight: " + ", ".join(f"{k}={v}" for k, v in sorted(stats.inflight.items())))
     out.append("  debris found: " + ", ".join(f"{k}={v}" for k, v in sorted(stats.debris.items())))
@@ -641,23 +658,29 @@ def summary(name: str, seed: int, stats: Stats, seconds: float) -> str:
     return "\n".join(out)
 
 
-@pytest.mark.parametrize("backend_name", ["local", "s3"])
+# SeaweedFS runs a reduced count: a second S3 implementation, a separate server process.
+TRIALS_PER_BACKEND = {"local": TRIALS, "s3": TRIALS, "seaweedfs": max(1, TRIALS // 4)}
+
+
+@pytest.mark.parametrize("backend_name", list(TRIALS_PER_BACKEND))
 def test_sigkill_at_random_moments_leaves_a_recoverable_directory(
-    backend_name: str, backend_factory: Callable[[str], Any], tmp_path: Path, request: pytest.FixtureRequest
+    backend_name: str, backend_factory: Callable[[str], Any], tmp_path: Path
 ) -> None:
-    if backend_name == "s3":
-        request.getfixturevalue("s3_bucket")  # start moto (and set its credentials) before the children start
+    trials = TRIALS_PER_BACKEND[backend_name]
     harness = Harness(backend_name, backend_factory, tmp_path, SEED)
+    backend_factory(backend_name)  # start the server (and set its credentials) before the children start
     started = time.monotonic()
     try:
-        stats = harness.run(TRIALS)
+        stats = harness.run(trials)
     finally:
         harness.close()
     report = summary(backend_name, SEED, stats, time.monotonic() - started)
     print("\n" + report)
     # The harness must actually kill: most trials end in a SIGKILL, in many different phases.
-    assert stats.killed >= TRIALS * 2 // 3, report
-    assert len([k for k in stats.kills if not k.startswith("none")]) >= min(6, TRIALS // 3), report
+    assert stats.killed >= trials * 2 // 3, report
+    assert len([k for k in stats.kills if not k.startswith("none")]) >= min(6, trials // 3), report
+    # ... and the children must get somewhere between the kills: a run that cannot resume fails here.
+    assert stats.opened >= trials * 3 // 4 and stats.progressed >= trials // 2, report
 
 
 def test_killed_report_leaves_no_temporary_in_the_checkpoint_folder(local_backend: Any, tmp_path: Path) -> None:
