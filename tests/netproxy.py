@@ -415,6 +415,7 @@ class NetProxy:
         self.stall_seconds = 10.0
         self.latency = 0.0
         self.bandwidth: float | None = None
+        self.drop_request_headers: frozenset[str] = frozenset()
         self._rng = random.Random(0)
         self._fail_next: list[list] = []  # [remaining, fault, pred]
         self._conn_seq = 0  # never reset: connection ids stay unique
@@ -443,6 +444,7 @@ class NetProxy:
         stall_seconds: float | None = None,
         latency: float | None = None,
         bandwidth: float | None | object = _UNSET,
+        drop_request_headers: Iterable[str] | None = None,
     ) -> "NetProxy":
         """Change behaviour at runtime; only the given arguments change.
 
@@ -455,6 +457,9 @@ class NetProxy:
         ``stall_seconds``  how long a ``"stall"`` holds the connection.
         ``latency``        seconds of delay added to each request.
         ``bandwidth``      bytes/s per connection per direction (``None``/0: off).
+        ``drop_request_headers``  header names (any case) removed from forwarded
+                           requests: a server that ignores them (moto does not
+                           check signatures, so the request still passes).
         """
         with self._lock:
             if fail_rate is not None:
@@ -479,11 +484,13 @@ class NetProxy:
                 self.latency = max(0.0, float(latency))
             if bandwidth is not NetProxy._UNSET:
                 self.bandwidth = float(bandwidth) if bandwidth else None  # type: ignore[arg-type]
+            if drop_request_headers is not None:
+                self.drop_request_headers = frozenset(name.lower() for name in drop_request_headers)
         return self
 
     def heal(self) -> "NetProxy":
-        """No faults, no latency, no bandwidth cap, no match filter."""
-        return self.configure(fail_rate=0, match=None, latency=0, bandwidth=None)
+        """No faults, no latency, no bandwidth cap, no match filter, no header dropped."""
+        return self.configure(fail_rate=0, match=None, latency=0, bandwidth=None, drop_request_headers=())
 
     def fail_next(self, count: int = 1, fault: str = "500", match: Predicate | None = None) -> "NetProxy":
         """Fail the next ``count`` requests accepted by ``match`` (``None``: any)
@@ -752,7 +759,8 @@ class NetProxy:
                     up_stream = _Stream(upstream, to_upstream, lambda n: self._count("_bytes_up", n))
                     self._count("_n_up", 1)
                 assert up_stream is not None
-                fwd_headers = [(k, v) for k, v in headers if k.lower() != "expect"]
+                dropped = self.drop_request_headers | {"expect"}
+                fwd_headers = [(k, v) for k, v in headers if k.lower() not in dropped]
                 self._count("_n_fwd", 1)
                 up_stream.send(_encode_head(start, fwd_headers))
                 if expect:

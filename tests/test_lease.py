@@ -316,3 +316,43 @@ def test_a_directory_whose_writer_was_killed_opens_again_at_once(backend: Any) -
     with mgr:
         assert mgr.all_steps() == [1]
         assert mgr.save(2, {"w": torch.ones(2)}, force=True)
+
+
+IGNORED_CONDITIONS = "does not make a replace conditional"
+
+
+def test_a_store_that_ignores_if_match_is_found_and_named_in_the_log(
+    flaky_s3_backend: Any, s3_proxy: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The proxy strips If-Match from requests, as an S3-compatible store that ignores it would."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="ckptman"):
+        open_manager(flaky_s3_backend).close()
+    assert not [r for r in caplog.records if IGNORED_CONDITIONS in r.getMessage()]
+    s3_proxy.configure(drop_request_headers=["If-Match"])
+    with caplog.at_level(logging.WARNING, logger="ckptman"):
+        with open_manager(flaky_s3_backend) as mgr:
+            assert mgr.save(1, {"w": torch.ones(1)})  # the lease still works as a plain read and write
+    assert [r for r in caplog.records if IGNORED_CONDITIONS in r.getMessage()]
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        FileExistsError("At least one of the pre-conditions you specified did not hold"),  # s3fs, If-None-Match named
+        OSError(22, "At least one of the pre-conditions you specified did not hold"),  # s3fs, no <Condition>
+        FileExistsError("http://127.0.0.1/upload/storage/v1/b/bucket/o"),  # gcsfs: every 412
+    ],
+)
+def test_every_honest_412_means_the_condition_failed(error: BaseException) -> None:
+    from ckptman.storage import precondition_failed
+
+    assert precondition_failed(error)
+
+
+def test_other_errors_are_not_read_as_a_failed_condition() -> None:
+    from ckptman.storage import precondition_failed
+
+    assert not precondition_failed(OSError(22, "Invalid argument"))
+    assert not precondition_failed(PermissionError("Access Denied"))
