@@ -107,8 +107,7 @@ def discard_incomplete(storage: Storage, name: str) -> None:
         logger.debug("removing empty folder %s/%s", storage.url, name)
     else:
         logger.warning("removing incomplete checkpoint folder %s/%s (no manifest: an interrupted save)", storage.url, name)
-        discard(storage, name)
-    storage.remove_empty_folder(name)
+    discard(storage, name)
 
 
 def write_sidecar(storage: Storage, state: SidecarState) -> None:

@@ -91,6 +91,7 @@ class Storage:
         # Only the protocol and path: never storage_options, which may hold credentials.
         self.url = self.root if self.is_local else f"{protocol}://{self.root.lstrip('/')}"
         self._versions = _versions_for(self.fs, protocol, self.is_local)
+        self._keeps_folder_entries: bool | None = None  # learnt from the first tree removed (see remove)
         self._check_location()
 
     def __repr__(self) -> str:
@@ -301,7 +302,14 @@ class Storage:
             os.makedirs(self.root, exist_ok=True)
 
     def remove(self, rel: str, *, recursive: bool = False) -> None:
-        """Delete a file or a folder tree; already gone is fine."""
+        """Delete a file or a folder tree; already gone is fine.
+
+        Some object stores (SeaweedFS and other filer-backed S3 gateways) keep
+        listing a folder after its last object is deleted. The first tree
+        removed on an object store finds out whether this one does; only then
+        are the folder entries deleted too (innermost first), so other stores
+        pay no extra request per deletion.
+        """
         path = self.path(rel)
 
         def delete() -> None:
@@ -313,33 +321,30 @@ class Storage:
                 self.fs.invalidate_cache(path)
 
         self._guard("delete", rel, delete)
+        if recursive and not self.is_local and self._keeps_folder_entries is not False:
+            lingering = self._keeps_folder_entries or self._guard("check", rel, lambda: self.fs.exists(path))
+            if lingering:
+                self._guard("delete", rel, lambda: self._remove_folder_entries(path))
+            if self._keeps_folder_entries is None:
+                self._keeps_folder_entries = lingering
+
+    def _remove_folder_entries(self, top: str) -> None:
+        folders = [folder for folder, _dirs, _files in self.fs.walk(top)]
+        for folder in sorted(folders, key=len, reverse=True):
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.rm_file(folder)
+        self.fs.invalidate_cache(top)
 
     def is_empty_folder(self, rel: str) -> bool:
-        """A folder that lists but holds no file (an object store's leftover prefix, an empty local folder)."""
-        return not self.list_files(rel)
+        """Whether a listed folder holds no file (an empty local folder, an object store's leftover entry).
 
-    def remove_empty_folder(self, rel: str) -> None:
-        """Delete a folder that holds no file, including the folder entries some object stores keep.
-
-        SeaweedFS (and other filer-backed S3 gateways) keep listing a prefix
-        after its last object is deleted; deleting the folder's own key,
-        innermost first, removes it. On stores without such entries the
-        deletes are no-ops.
+        On an object store a listed folder without objects proves that the
+        store keeps folder entries (see :meth:`remove`).
         """
-        top = self.path(rel)
-
-        def delete() -> None:
-            self.fs.invalidate_cache(top)
-            folders = [folder for folder, _dirs, _files in self.fs.walk(top)] or [top]
-            for folder in sorted(folders, key=len, reverse=True):
-                with contextlib.suppress(FileNotFoundError):
-                    if self.is_local:
-                        os.rmdir(folder)
-                    else:
-                        self.fs.rm_file(folder)
-            self.fs.invalidate_cache(top)
-
-        self._guard("delete", rel, delete)
+        empty = not self.list_files(rel)
+        if empty and not self.is_local:
+            self._keeps_folder_entries = True
+        return empty
 
     def remove_temporaries(self) -> list[str]:
         """Delete temporary metadata files an interrupted local write left (top level and checkpoint folders)."""
