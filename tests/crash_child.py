@@ -36,7 +36,7 @@ renamed yet; payload: part of the bytes are written) or ``after`` it:
     report    ckptman.commit.rewrite (a manifest replaced with later metrics)
     latest    Storage.write_atomic("latest")
     sidecar   Storage.write_atomic("ckptman.json")
-    lock      Storage.replace_if("ckptman.lock") (lease renewal, background thread)
+    lock      Storage.replace_if("ckptman.lock") (taking over the previous child's lease; renewals)
     delete    each Storage.remove() inside ckptman.commit.uncommit (retention deletes)
 
 Nothing in ckptman itself knows about this.
