@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 import torch
 
+from ckptman import distributed
 from ckptman.record import CheckpointRecord
 
 
@@ -89,12 +90,17 @@ class BackgroundWriter:
     def submit(self, task: Callable[[], None], record: CheckpointRecord) -> None:
         """Run ``task`` after the previous one; inline when asynchronous saving is off."""
         self.wait()
+
+        def save() -> None:
+            with distributed.during(f"the save of step {record.step}"):  # named if a peer rank is lost
+                task()
+
         if self._executor is None:
-            task()
+            save()
             return
         with self._lock:
             self._inflight = record
-            self._pending = self._executor.submit(task)
+            self._pending = self._executor.submit(save)
 
     def wait(self) -> None:
         """Block until the task in flight is done; raise its error (once)."""

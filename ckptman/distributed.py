@@ -7,17 +7,60 @@ and deletes. Everything else is told to the other ranks through these few
 collectives, on a process group of ckptman's own (gloo), so that saves
 running on a background thread never interleave with the training loop's
 collectives on the default group.
+
+A peer that dies makes gloo fail the collective at once (its connection
+closes); one that stops answering makes it fail after the group's timeout
+(``dist_timeout``). Either is raised as :class:`~ckptman.errors.PeerRankError`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import datetime
+import numbers
 import pickle
-from typing import Any, Callable, Protocol, TypeVar
+from typing import Any, Callable, Iterator, Protocol, TypeVar
+
+from ckptman.errors import PeerRankError, PolicyConfigError
 
 T = TypeVar("T")
 
 COORDINATOR = 0
+# What the collectives of this thread are part of, for the message of a PeerRankError.
+_OPERATION: contextvars.ContextVar[str] = contextvars.ContextVar("ckptman_operation", default="a ckptman call")
+
+
+def check_timeout(value: object) -> datetime.timedelta | None:
+    """``dist_timeout`` as torch wants it; None keeps torch's default (30 minutes for gloo)."""
+    if value is None:
+        return None
+    if isinstance(value, datetime.timedelta):
+        seconds = value.total_seconds()
+    elif isinstance(value, numbers.Real) and not isinstance(value, bool):
+        seconds = float(value)
+    else:
+        raise PolicyConfigError(
+            f"dist_timeout must be a number of seconds or a datetime.timedelta (e.g. 600 or timedelta(minutes=10)), "
+            f"got {value!r} ({type(value).__name__}); None keeps torch's default"
+        )
+    # gloo counts whole milliseconds: less would become 0, which fails creating the group at once.
+    if not 0.001 <= seconds < float("inf"):
+        raise PolicyConfigError(
+            f"dist_timeout must be a finite duration of at least 1 millisecond (e.g. 600 seconds), got {value!r}; "
+            "None keeps torch's default"
+        )
+    return datetime.timedelta(seconds=seconds)
+
+
+@contextlib.contextmanager
+def during(operation: str) -> Iterator[None]:
+    """Name what the collectives inside are part of (e.g. "the save of step 3"), for a PeerRankError."""
+    token = _OPERATION.set(operation)
+    try:
+        yield
+    finally:
+        _OPERATION.reset(token)
 
 
 class Coordinator(Protocol):
@@ -64,8 +107,10 @@ class TorchDistributed:
         self._dist = dist
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
+        self.timeout = timeout
         ranks = None if group is None else dist.get_process_group_ranks(group)
-        self.group = dist.new_group(ranks=ranks, backend="gloo", timeout=timeout)
+        with self._peers("creation of its gloo group"):
+            self.group = dist.new_group(ranks=ranks, backend="gloo", timeout=timeout)
 
     @property
     def is_coordinator(self) -> bool:
@@ -76,18 +121,46 @@ class TorchDistributed:
 
     def broadcast(self, value: T) -> T:
         box = [value]
-        self._dist.broadcast_object_list(box, src=self._global(COORDINATOR), group=self.group)
+        with self._peers("broadcast"):
+            self._dist.broadcast_object_list(box, src=self._global(COORDINATOR), group=self.group)
         return box[0]
 
     def gather(self, value: T) -> list[T]:
         out: list[Any] | None = [None] * self.world_size if self.is_coordinator else None
-        self._dist.gather_object(value, out, dst=self._global(COORDINATOR), group=self.group)
+        with self._peers("gather"):
+            self._dist.gather_object(value, out, dst=self._global(COORDINATOR), group=self.group)
         return out or []
 
     def all_gather(self, value: T) -> list[T]:
         out: list[Any] = [None] * self.world_size
-        self._dist.all_gather_object(out, value, group=self.group)
+        with self._peers("all_gather"):
+            self._dist.all_gather_object(out, value, group=self.group)
         return out
+
+    @contextlib.contextmanager
+    def _peers(self, collective: str) -> Iterator[None]:
+        """A RuntimeError of a collective is gloo's report of a peer whose connection closed or timed out."""
+        try:
+            yield
+        except RuntimeError as exc:
+            raise self._peer_lost(collective, exc) from exc
+
+    def _peer_lost(self, collective: str, cause: RuntimeError) -> PeerRankError:
+        others = [r for r in range(self.world_size) if r != self.rank]
+        peer = f"rank {others[0]}" if len(others) == 1 else f"one of ranks {others}"
+        if self.timeout is None:
+            from torch.distributed.constants import default_pg_timeout
+
+            waited = f"torch's default timeout ({default_pg_timeout.total_seconds():g}s)"
+        else:
+            waited = f"dist_timeout={self.timeout.total_seconds():g}s"
+        return PeerRankError(
+            f"rank {self.rank} of {self.world_size} lost {peer} during {_OPERATION.get()}: ckptman's {collective} failed "
+            f"(gloo: {cause}). A rank died, or did not reach the same ckptman call within {waited} (raise "
+            "dist_timeout if ranks are that far apart only because one is slow, e.g. uploading). The job cannot "
+            "continue: restart all its ranks. Checkpoints already committed stay restorable; the next writable "
+            "manager removes what an interrupted save left."
+        )
 
 
 def coordinator(process_group: Any = None, timeout: datetime.timedelta | None = None) -> Coordinator:

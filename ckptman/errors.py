@@ -76,5 +76,12 @@ class LeaseLostError(DirectoryLockedError):
     """This manager's lease was taken over by another writer; it writes nothing more."""
 
 
+class PeerRankError(CheckpointError, RuntimeError):
+    """Another rank died or stopped answering during one of ckptman's collectives; the job must be restarted.
+
+    A ``RuntimeError`` too, as the gloo error it replaces (kept as ``__cause__``).
+    """
+
+
 class CheckpointWarning(UserWarning):
     """Something on storage needed repair (stale sidecar, leftovers, a skipped checkpoint); nothing committed was lost."""

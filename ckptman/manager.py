@@ -9,6 +9,7 @@ is the truth, re-read on construction and by :meth:`CheckpointManager.refresh`.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import logging
 import os
 import shutil
@@ -61,6 +62,12 @@ class CheckpointManager:
 
     See docs/getting-started.md for the argument reference; every argument is validated
     here, so a bad setting fails at construction, not after hours of training.
+
+    ``dist_timeout`` (a ``datetime.timedelta`` or seconds; None: torch's default, 30
+    minutes for gloo) bounds how long a rank waits in ckptman's collectives for the
+    others, so a peer that hangs fails the job with ``PeerRankError`` instead of
+    stalling it; it must exceed the longest time ranks reach a ckptman call apart,
+    such as the slowest rank's upload. See docs/distributed.md.
     """
 
     def __init__(
@@ -82,6 +89,7 @@ class CheckpointManager:
         max_concurrency: int = 16,
         progress: bool | None = None,
         process_group: Any = None,
+        dist_timeout: datetime.timedelta | float | None = None,
     ) -> None:
         self._policy = build_policy(
             save_interval_steps=save_interval_steps,
@@ -94,6 +102,7 @@ class CheckpointManager:
         )
         self._names = NameFormat(name_format)
         self._transfers = Transfers(require_int("max_concurrency", max_concurrency, minimum=1), progress)
+        timeout = distributed.check_timeout(dist_timeout)
         self._read_only = bool(read_only)
         self._closed = False
         self._pinned: dict[int, str] = {}
@@ -107,8 +116,8 @@ class CheckpointManager:
         self._leftovers: set[str] = set()  # folders of failed saves whose cleanup failed too
         # Decisions on the caller's thread and background saves each get their own group,
         # so their collectives never interleave.
-        self._control = distributed.coordinator(process_group)
-        self._data = distributed.coordinator(process_group) if async_save else self._control
+        self._control = distributed.coordinator(process_group, timeout)
+        self._data = distributed.coordinator(process_group, timeout) if async_save else self._control
         self._lease: Lease | None = None
         if not self._read_only:
             distributed.on_coordinator(self._control, lambda: self._take_lease(lease_timeout))

@@ -17,6 +17,7 @@ SIGKILLing itself mid-save) patches ckptman's functions in this process only.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -86,6 +87,13 @@ class Ctx:
         except FileNotFoundError:
             return []
 
+    def kill(self, rank: int) -> None:
+        """SIGKILL another rank of this job (its pid is in the observations it wrote at start)."""
+        with open(os.path.join(self.config["result_dir"], f"rank{rank}.json")) as f:
+            pid = json.load(f)["pid"]
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
     def manager(self, **kwargs: Any) -> Any:
         from ckptman import CheckpointManager
 
@@ -138,8 +146,8 @@ def record_storage_writes(ctx: Ctx) -> None:
         setattr(storage.Storage, method, wrapped)
 
 
-def fail_uploads(after: int, action: str = "raise", delay: float = 0.0) -> None:
-    """This rank's next directory upload stores ``after`` files, then raises OSError or SIGKILLs the process."""
+def fail_uploads(after: int, then: Callable[[], None] | None = None, delay: float = 0.0) -> None:
+    """This rank's next directory upload stores ``after`` files, then calls ``then`` (e.g. :func:`leave`) or raises OSError."""
     from ckptman import transfer
 
     original = transfer.Transfers.upload_files
@@ -148,11 +156,20 @@ def fail_uploads(after: int, action: str = "raise", delay: float = 0.0) -> None:
         transfer.Transfers.upload_files = original  # once
         done = original(self, storage, list(items)[:after]) if after else ()
         time.sleep(delay)
-        if action == "kill":
-            os.kill(os.getpid(), signal.SIGKILL)
+        if then is not None:
+            then()
         raise OSError(f"injected: no space left on device after {len(done)} files")
 
     transfer.Transfers.upload_files = upload_files  # type: ignore[method-assign]
+
+
+LEAVE_SIGNALS = {"kill": signal.SIGKILL, "stop": signal.SIGSTOP}
+
+
+def leave(ctx: Ctx, how: str) -> None:
+    """Die ("kill": SIGKILL) or freeze ("stop": SIGSTOP, a rank that stops answering) right here, noting when."""
+    ctx.note("left_at", time.time())
+    os.kill(os.getpid(), LEAVE_SIGNALS[how])
 
 
 def fail_dcp_writes() -> None:
@@ -332,25 +349,28 @@ def raise_in_block(ctx: Ctx) -> None:
 
 @scenario
 def kill(ctx: Ctx) -> None:
-    """A rank SIGKILLs itself in the middle of the save of step 3 (in the block, or mid-upload)."""
-    victim, where = ctx.params["victim"], ctx.params["where"]
-    mgr = ctx.manager()
+    """A rank SIGKILLs (or SIGSTOPs) itself in the middle of the save of step 3 (in the block, or mid-upload)."""
+    victim, where, how = ctx.params["victim"], ctx.params["where"], ctx.params.get("how", "kill")
+    mgr = ctx.manager(dist_timeout=ctx.params.get("dist_timeout"))
     for step in (1, 2):
         with mgr.save_directory(step, force=True) as folder:
             write_shards(folder, ctx.rank, step)
     ctx.note("committed", summary(mgr))
     if ctx.rank == victim and where == "upload":
-        fail_uploads(after=1, action="kill")
+        fail_uploads(after=1, then=lambda: leave(ctx, how))
 
     def save() -> None:
         with mgr.save_directory(3, force=True) as folder:
             write_shards(folder, ctx.rank, 3)
             if ctx.rank == victim and where == "block":
-                os.kill(os.getpid(), signal.SIGKILL)
+                leave(ctx, how)
 
     start = time.monotonic()
     ctx.attempt("save_3", save)
     ctx.note("seconds_to_error", time.monotonic() - start)
+    ctx.note("error_at", time.time())
+    if how == "stop":
+        ctx.kill(victim)  # a frozen rank never comes back
     ctx.attempt("close", mgr.close)
     ctx.config["broken"] = True
 

@@ -30,6 +30,7 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -39,7 +40,7 @@ import pytest
 import torch
 from conftest import Backend, make_backend
 
-from ckptman import CheckpointManager, CheckpointWarning, LeaseWarning
+from ckptman import CheckpointManager, CheckpointWarning, LeaseWarning, PolicyConfigError
 from ckptman.lease import LEASE_NAME
 from ckptman.manifest import MANIFEST_NAME, Manifest
 
@@ -337,20 +338,39 @@ def test_rank_raising_inside_save_directory_block_fails_the_save_on_every_rank(t
 # --------------------------------------------------------------------------- #
 
 
+DIST_TIMEOUT = 8.0  # ckptman's gloo groups (dist_timeout); the default group keeps run_job's 60 s
+
+
 @pytest.mark.parametrize(
-    ("backend_name", "world", "victim", "where"),
+    "bad", [True, 0, -5, timedelta(0), timedelta(seconds=-1), 0.0001, float("nan"), float("inf"), "60", [60]], ids=repr
+)
+def test_dist_timeout_is_validated_before_storage_is_touched(tmp_path: Path, bad: object) -> None:
+    with pytest.raises(PolicyConfigError, match=r"dist_timeout must be .*(seconds or a datetime.timedelta|at least 1 millisecond)"):
+        CheckpointManager(tmp_path / "run", dist_timeout=bad)
+    assert not (tmp_path / "run").exists()
+
+
+def test_dist_timeout_accepts_seconds_and_timedeltas(tmp_path: Path) -> None:
+    for good in (30, 2.5, timedelta(minutes=5), None):  # a single process has no group: accepted, unused
+        CheckpointManager(tmp_path / "run", dist_timeout=good).close()
+
+
+@pytest.mark.parametrize(
+    ("backend_name", "world", "victim", "where", "how"),
     [
-        ("local", 2, 1, "block"),  # killed inside save_directory's block, after writing its shard
-        ("s3", 2, 1, "upload"),  # killed after one of its files reached storage
-        ("local", 3, 0, "upload"),  # the coordinator (lease holder) killed mid-upload
+        ("local", 2, 1, "block", "kill"),  # killed inside save_directory's block, after writing its shard
+        ("s3", 2, 1, "upload", "kill"),  # killed after one of its files reached storage
+        ("local", 3, 0, "upload", "kill"),  # the coordinator (lease holder) killed mid-upload
+        ("local", 2, 1, "upload", "stop"),  # SIGSTOPped mid-upload: alive but silent, only the timeout ends the wait
     ],
-    ids=["local-rank1-in-block", "s3-rank1-mid-upload", "local-rank0-mid-upload"],
+    ids=["local-rank1-in-block", "s3-rank1-mid-upload", "local-rank0-mid-upload", "local-rank1-stopped-mid-upload"],
 )
 def test_killed_rank_fails_the_others_and_commits_nothing(
-    tmp_path: Path, backend_factory: Any, backend_name: str, world: int, victim: int, where: str
+    tmp_path: Path, backend_factory: Any, backend_name: str, world: int, victim: int, where: str, how: str
 ) -> None:
     store = backend_factory(backend_name)
-    job = run_job(tmp_path, "kill", world, store.url, store.storage_options, params={"victim": victim, "where": where}, deadline=60)
+    params = {"victim": victim, "where": where, "how": how, "dist_timeout": DIST_TIMEOUT}
+    job = run_job(tmp_path, "kill", world, store.url, store.storage_options, params=params, deadline=60)
     assert not job.timed_out, f"a survivor hung after the kill: {job.describe()}"
     assert job.exitcodes[victim] == -signal.SIGKILL
     for r in range(world):
@@ -359,6 +379,7 @@ def test_killed_rank_fails_the_others_and_commits_nothing(
             continue
         assert "fatal" not in job.rank(r), job.rank(r)["fatal"]
         assert "error" in job.rank(r)["save_3"], f"rank {r} did not notice the kill: {job.rank(r)['save_3']}"
+        assert_peer_lost(job, r, victim, how)
         assert job.rank(r)["seconds_to_error"] < 30
         assert job.rank(r)["close"] == {"ok": None}  # closing after the failure does not hang either
         assert job.exitcodes[r] == 0
@@ -378,6 +399,23 @@ def test_killed_rank_fails_the_others_and_commits_nothing(
             assert "step_00000003" not in stored_names(store)
             assert mgr.save(3, {"w": torch.ones(2)}, force=True)
             assert mgr.all_steps() == [1, 2, 3]
+
+
+def assert_peer_lost(job: Job, survivor: int, victim: int, how: str) -> None:
+    """The survivor raised PeerRankError naming its rank, the world size, the save and dist_timeout:
+    at once after a kill, after about dist_timeout after a stop."""
+    kind, message = error(job.rank(survivor)["save_3"])
+    assert kind == "PeerRankError", message
+    world = len(job.results)
+    assert f"rank {survivor} of {world} lost " in message and "during the save of step 3" in message, message
+    if world == 2:
+        assert f"lost rank {victim} " in message, message
+    assert f"dist_timeout={DIST_TIMEOUT:g}s" in message and "restart all its ranks" in message, message
+    waited = job.rank(survivor)["error_at"] - job.rank(victim)["left_at"]
+    if how == "kill":  # gloo sees the connection close
+        assert waited < DIST_TIMEOUT, f"{waited:.1f}s from the kill to the error"
+    else:  # nothing closes: the timeout ends the wait
+        assert DIST_TIMEOUT / 2 < waited < DIST_TIMEOUT + 10, f"{waited:.1f}s from the stop to the error"
 
 
 # --------------------------------------------------------------------------- #
