@@ -12,7 +12,8 @@ import io
 import mmap
 import os
 import shutil
-from concurrent.futures import ThreadPoolExecutor
+import threading
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from typing import IO, Callable, Iterator, Sequence, TypeVar
 
 import xxhash
@@ -84,14 +85,25 @@ def write_stream(
     return FileEntry(entry_path, writer.size, writer.checksum)
 
 
+class _Stopped(Exception):
+    """A sibling transfer failed or the caller was interrupted: this upload gives up and is aborted."""
+
+
 def upload_file(
-    storage: Storage, local_path: str, rel: str, entry_path: str, callback: Callback = DEFAULT_CALLBACK
+    storage: Storage, local_path: str, rel: str, entry_path: str, stop: threading.Event, callback: Callback = DEFAULT_CALLBACK
 ) -> FileEntry:
-    """Copy one local file into storage, hashing it in the same pass."""
+    """Copy one local file into storage, hashing it in the same pass.
+
+    Once ``stop`` is set it gives up at the next chunk, and storage aborts the
+    upload (no multipart parts are left behind) rather than finish a file nobody commits.
+    """
 
     def copy(writer: IO[bytes]) -> None:
         with open(local_path, "rb") as source:
-            shutil.copyfileobj(source, writer, CHUNK)
+            while chunk := source.read(CHUNK):
+                if stop.is_set():
+                    raise _Stopped(f"upload of {local_path} stopped")
+                writer.write(chunk)
 
     return write_stream(storage, rel, copy, entry_path, callback)
 
@@ -215,8 +227,9 @@ class Transfers:
     def upload_files(self, storage: Storage, items: Sequence[tuple[str, str, str]]) -> tuple[FileEntry, ...]:
         """Upload ``(local_path, rel, entry_path)`` items concurrently; entries come back in the given order."""
         total = sum(os.path.getsize(local) for local, _, _ in items)
+        stop = threading.Event()
         with self.progress.bar(f"upload {len(items)} files", total) as callback:
-            return tuple(self.run_each(lambda item: upload_file(storage, *item, callback), items))
+            return tuple(self.run_each(lambda item: upload_file(storage, *item, stop, callback), items, stop))
 
     def download_files(self, storage: Storage, items: Sequence[tuple[str, FileEntry, str | None]]) -> None:
         """Download and verify ``(rel, entry, local_path or None)`` items concurrently."""
@@ -224,9 +237,33 @@ class Transfers:
         with self.progress.bar(f"download {len(items)} files", total) as callback:
             self.run_each(lambda item: download_verified(storage, *item, callback), items)
 
-    def run_each(self, work: Callable[[T], R], items: Sequence[T]) -> list[R]:
-        """``work`` on every item with at most ``max_concurrency`` at once; results in order."""
+    def run_each(self, work: Callable[[T], R], items: Sequence[T], stop: threading.Event | None = None) -> list[R]:
+        """``work`` on every item with at most ``max_concurrency`` at once; results in order.
+
+        The first failure, or an interrupt of the caller (KeyboardInterrupt), cancels
+        the items not started and sets ``stop`` for those running (uploads watch it and
+        are aborted), then raises once they have ended: the first error, not a
+        sibling's reaction to it.
+        """
         if len(items) <= 1 or self.max_concurrency == 1:
             return [work(item) for item in items]
         with ThreadPoolExecutor(min(self.max_concurrency, len(items)), thread_name_prefix="ckptman-transfer") as pool:
-            return list(pool.map(work, items))
+            futures = [pool.submit(work, item) for item in items]
+            try:
+                wait(futures, return_when=FIRST_EXCEPTION)
+                _raise_first_failure(futures)
+                return [future.result() for future in futures]
+            except BaseException:
+                for future in futures:
+                    future.cancel()
+                if stop is not None:
+                    stop.set()
+                raise  # after the pool's exit has waited for the running items
+
+
+def _raise_first_failure(futures: Sequence[Future[R]]) -> None:
+    """Raise the error of the first finished item that failed: the cause, found before any sibling is stopped."""
+    for future in futures:
+        error = future.exception() if future.done() and not future.cancelled() else None
+        if error is not None:
+            raise error
