@@ -221,10 +221,10 @@ class Storage:
             f = self.fs.open(path, "wb")
             try:
                 result = _run_producer(produce, f)
+                f.close()  # uploads the last part and completes the upload: its failure must abort too
             except BaseException:
                 _abandon(f)
                 raise
-            f.close()
             return result
 
         try:

@@ -97,11 +97,6 @@ def test_part_upload_failing_on_every_attempt_aborts_each_attempt(
     assert open_uploads(flaky_s3_backend, s3_endpoint) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Storage.write_file aborts a failed write, but not a failed close (the last part or the completion): "
-    "the fix belongs in ckptman/storage.py, see docs/guarantees.md",
-)
 def test_failed_completion_is_aborted_before_the_retry(flaky_s3_backend: Backend, s3_proxy: Any, s3_endpoint: str) -> None:
     s3_proxy.fail_next(1, "500", match=COMPLETION)
     with manager(flaky_s3_backend, retry=TWICE) as mgr:
