@@ -66,6 +66,14 @@ def require(document: Mapping[str, Any], key: str, kind: type | tuple[type, ...]
     return value
 
 
+def optional_count(document: Mapping[str, Any], key: str, source: str) -> int | None:
+    """An optional field holding an int >= 0 (absent in files written before it existed)."""
+    value = document.get(key)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        raise ManifestError(f"{source}: field {key!r} must be an int >= 0 when present, got {value!r}")
+    return value
+
+
 def check_format(document: Mapping[str, Any], fmt: str, supported: int, source: str) -> int:
     """Reject files of another format or of a version this code does not know."""
     if document.get("format") != fmt:

@@ -9,6 +9,7 @@ is the truth, re-read on construction and by :meth:`CheckpointManager.refresh`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import logging
 import os
@@ -38,10 +39,10 @@ from ckptman.errors import (
 )
 from ckptman.lease import Lease
 from ckptman.manifest import MANIFEST_NAME, FileEntry, Manifest
-from ckptman.naming import NameFormat, check_step
+from ckptman.naming import NameFormat, check_epoch, check_step
 from ckptman.policy import build_policy
 from ckptman.policy.best import coerce_metrics, top_k
-from ckptman.policy.save import require_int
+from ckptman.policy.save import Progress, require_int
 from ckptman.record import CheckpointKind, CheckpointRecord
 from ckptman.retry import RetryPolicy
 from ckptman.state import SIDECAR_NAME, SidecarState
@@ -90,6 +91,8 @@ class CheckpointManager:
         progress: bool | None = None,
         process_group: Any = None,
         dist_timeout: datetime.timedelta | float | None = None,
+        save_interval_epochs: int | None = None,
+        save_interval_seconds: float | None = None,
     ) -> None:
         self._policy = build_policy(
             save_interval_steps=save_interval_steps,
@@ -99,6 +102,8 @@ class CheckpointManager:
             best=best,
             mode=mode,
             keep_best=keep_best,
+            save_interval_epochs=save_interval_epochs,
+            save_interval_seconds=save_interval_seconds,
         )
         self._names = NameFormat(name_format)
         self._transfers = Transfers(require_int("max_concurrency", max_concurrency, minimum=1), progress)
@@ -114,6 +119,10 @@ class CheckpointManager:
         self._background = BackgroundWriter(bool(async_save))
         self._snapshots = Snapshotter()
         self._leftovers: set[str] = set()  # folders of failed saves whose cleanup failed too
+        # What the triggers look at besides the step (see _progress).
+        self._last_save_at = time.monotonic()  # of this manager's last committed save, or its opening
+        self._saved_epoch: int | None = None  # the highest epoch a committed checkpoint recorded
+        self._epochs_seen_in: Mapping[int, Manifest] | None = None
         # Decisions on the caller's thread and background saves each get their own group,
         # so their collectives never interleave.
         self._control = distributed.coordinator(process_group, timeout)
@@ -145,9 +154,16 @@ class CheckpointManager:
         return self._storage.url
 
     # -- queries --------------------------------------------------------------
-    def should_save(self, step: int) -> bool:
-        """Whether ``step`` is due by the interval policy (pure and cheap: call it every step)."""
-        return self._policy.save.should_save(step if type(step) is int else check_step(step))
+    def should_save(self, step: int, *, epoch: int | None = None) -> bool:
+        """Whether ``step`` (and ``epoch``, the completed epochs) is due by a save trigger; cheap: call it every step.
+
+        ``save()`` decides on rank 0 and tells every rank; with a wall-clock
+        trigger this call on another rank reads that rank's clock, so branch
+        on what ``save()`` returns, not on this.
+        """
+        step = step if type(step) is int else check_step(step)
+        epoch = epoch if epoch is None or type(epoch) is int and epoch >= 0 else check_epoch(epoch)
+        return self._policy.save.due(self._progress(step, epoch))
 
     def all_steps(self) -> list[int]:
         return sorted(self._manifests)
@@ -182,6 +198,7 @@ class CheckpointManager:
         *,
         metrics: Mapping[str, object] | None = None,
         force: bool = False,
+        epoch: int | None = None,
         sharded: bool = False,
     ) -> bool:
         """Save ``state`` (anything ``torch.save`` accepts) if forced, due, or a new best.
@@ -192,9 +209,11 @@ class CheckpointManager:
         run a plain save holds replicated state, written by rank 0; with
         ``sharded=True`` every rank passes its own state dict (DTensor or
         ShardedTensor shards) and it is written through torch.distributed.checkpoint.
+        ``epoch`` (completed epochs) is recorded in the manifest and drives
+        ``save_interval_epochs``.
         """
-        step, values, wanted = self._decide(step, metrics, force)
-        if not wanted:
+        candidate = self._decide(step, metrics, force, epoch)
+        if candidate is None:
             return False
         payload = state
         if self._background.enabled:
@@ -213,16 +232,14 @@ class CheckpointManager:
             stored = sharded_io.files_of_rank(self._storage.list_files(name), self._data.rank)
             return [transfer.describe_stored(self._storage, f"{name}/{path}", path) for path in stored]
 
-        kind: CheckpointKind = "sharded" if sharded else "state"
+        record = dataclasses.replace(candidate, kind="sharded" if sharded else "state")
         writer = write_shards if sharded else write_state
-        self._background.submit(
-            lambda: self._save_collectively(step, kind, values, writer), CheckpointRecord(step, self._names(step), values, kind=kind)
-        )
+        self._background.submit(lambda: self._save_collectively(record, writer), record)
         return True
 
     @contextlib.contextmanager
     def save_directory(
-        self, step: int, *, metrics: Mapping[str, object] | None = None, force: bool = False
+        self, step: int, *, metrics: Mapping[str, object] | None = None, force: bool = False, epoch: int | None = None
     ) -> Iterator[str | None]:
         """A local folder to write any files into (DeepSpeed-style); committed on clean exit.
 
@@ -231,10 +248,12 @@ class CheckpointManager:
         propagates. With ``async_save=True`` the files are uploaded and
         committed in the background after the block.
         """
-        step, values, wanted = self._decide(step, metrics, force)
-        if not wanted:
+        candidate = self._decide(step, metrics, force, epoch)
+        if candidate is None:
             yield None
             return
+        record = dataclasses.replace(candidate, kind="directory")
+        step = record.step
         staging = staging_dirs.make(f"save-{step}")
         try:
             yield staging
@@ -242,7 +261,7 @@ class CheckpointManager:
         except BaseException as exc:
             shutil.rmtree(staging, ignore_errors=True)
             if self._data.world_size > 1 and isinstance(exc, Exception):
-                self._fail_collectively(step, values, exc)
+                self._fail_collectively(record, exc)
             raise
 
         def upload(name: str) -> tuple[FileEntry, ...]:
@@ -254,11 +273,11 @@ class CheckpointManager:
 
         def save() -> None:
             try:
-                self._save_collectively(step, "directory", values, upload)
+                self._save_collectively(record, upload)
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
 
-        self._background.submit(save, CheckpointRecord(step, self._names(step), values))
+        self._background.submit(save, record)
 
     def report(self, step: int, metrics: Mapping[str, object]) -> None:
         """Metrics for an already committed step (evaluation after the save); retention re-runs."""
@@ -547,10 +566,13 @@ class CheckpointManager:
         if self._lease is not None:
             self._lease.check()
 
-    def _check_save(self, step: object, metrics: Mapping[str, object] | None) -> tuple[int, dict[str, float]]:
+    def _check_save(
+        self, step: object, metrics: Mapping[str, object] | None, epoch: object
+    ) -> tuple[int, dict[str, float], int | None]:
         self._check_writable()
         step = check_step(step)
         values = coerce_metrics(metrics)
+        checked_epoch = None if epoch is None else check_epoch(epoch)
         if step in self._manifests:
             raise StepExistsError(
                 f"step {step} is already committed as {self._manifests[step].name} in {self.directory}; "
@@ -565,24 +587,45 @@ class CheckpointManager:
                 f"step {step} is older than the latest committed step {latest} in {self.directory}; "
                 "steps must increase (delete newer checkpoints first to roll back)"
             )
-        return step, values
+        return step, values, checked_epoch
 
-    def _decide(self, step: object, metrics: Mapping[str, object] | None, force: bool) -> tuple[int, dict[str, float], bool]:
-        """Validate a save and decide it; with metrics, rank 0's values and decision count on every rank."""
-        checked, values = self._check_save(step, metrics)
+    def _decide(
+        self, step: object, metrics: Mapping[str, object] | None, force: bool, epoch: object
+    ) -> CheckpointRecord | None:
+        """Validate a save and decide it on rank 0: the checkpoint to write, as every rank sees it, or None."""
+        checked, values, checked_epoch = self._check_save(step, metrics, epoch)
+        candidate = CheckpointRecord(checked, self._names(checked), values, epoch=checked_epoch)
         # Every rank joins, with or without metrics of its own (evaluation may run on rank 0 only).
-        values, wanted = self._control.broadcast((values, force or self._wants(checked, values)))
-        return checked, values, wanted
+        candidate, wanted = self._control.broadcast((candidate, force or self._wants(candidate)))
+        return candidate if wanted else None
 
-    def _wants(self, step: int, metrics: Mapping[str, float]) -> bool:
+    def _wants(self, candidate: CheckpointRecord) -> bool:
         """Decided against the committed checkpoints plus the one being written in the background."""
-        if self._policy.save.should_save(step):
+        progress = self._progress(candidate.step, candidate.epoch)
+        if self._policy.save.due(progress):
             return True
-        if not metrics or not self._policy.metrics:
+        if not candidate.metrics or not self._policy.metrics:
             return False  # the common per-step call: no history needed
         inflight = self._background.inflight
         history = self._records() + ([inflight] if inflight else [])
-        return self._policy.wants(history, CheckpointRecord(step, self._names(step), metrics))
+        return self._policy.wants(history, candidate, progress)
+
+    def _progress(self, step: int, epoch: int | None) -> Progress:
+        """What the triggers see: the clock since the last commit (none while a save is in flight, which
+        counts as the newest save) and the highest epoch recorded, committed or in flight."""
+        manifests = self._manifests
+        if manifests is not self._epochs_seen_in:  # copy-on-write: a new dict means new manifests
+            epochs = [m.epoch for m in manifests.values() if m.epoch is not None]
+            if epochs:
+                self._saved_epoch = max(epochs) if self._saved_epoch is None else max(self._saved_epoch, *epochs)
+            self._epochs_seen_in = manifests
+        saved_epoch = self._saved_epoch
+        inflight = self._background.inflight
+        if inflight is None:
+            return Progress(step, epoch, time.monotonic() - self._last_save_at, saved_epoch)
+        if inflight.epoch is not None and (saved_epoch is None or inflight.epoch > saved_epoch):
+            saved_epoch = inflight.epoch
+        return Progress(step, epoch, 0.0, saved_epoch)
 
     def _prepare_folder(self, step: int) -> str:
         name = self._names(step)
@@ -616,7 +659,7 @@ class CheckpointManager:
                 self._leftovers.add(name)
             raise
 
-    def _fail_collectively(self, step: int, metrics: dict[str, float], error: Exception) -> None:
+    def _fail_collectively(self, record: CheckpointRecord, error: Exception) -> None:
         """This rank failed before its save began: still take part, so every rank fails the save together."""
 
         def fail(name: str) -> list[FileEntry]:
@@ -624,14 +667,12 @@ class CheckpointManager:
 
         self._background.wait()
         with contextlib.suppress(Exception):  # the caller gets the original error
-            self._save_collectively(step, "directory", metrics, fail)
+            self._save_collectively(record, fail)
 
-    def _save_collectively(
-        self, step: int, kind: CheckpointKind, metrics: dict[str, float], write_own: Callable[[str], Sequence[FileEntry]]
-    ) -> None:
+    def _save_collectively(self, record: CheckpointRecord, write_own: Callable[[str], Sequence[FileEntry]]) -> None:
         """The save sequence across ranks (see ckptman.commit): every rank writes its own files,
         rank 0 gathers their entries and commits, or discards the folder if any rank failed."""
-        name = self._names(step)
+        step, name = record.step, record.name
         distributed.on_coordinator(self._data, lambda: self._prepare_folder(step))
         own: tuple[FileEntry, ...] = ()
         failure: BaseException | None = None
@@ -654,7 +695,7 @@ class CheckpointManager:
                 paths = [entry.path for entry in entries]
                 if len(set(paths)) != len(paths):
                     raise CheckpointError(f"ranks wrote files with the same name into step {step}: {sorted(paths)}")
-                self._commit(Manifest(step, name, kind, time.time(), entries, metrics))
+                self._commit(Manifest(step, name, record.kind, time.time(), entries, record.metrics, record.epoch))
             return self._manifests
 
         try:
@@ -671,6 +712,7 @@ class CheckpointManager:
         self._check_lease()
         commit.commit(self._storage, manifest)
         self._put(manifest)
+        self._last_save_at = time.monotonic()
         self._pinned = {}  # a newer checkpoint is now the resume point
         logger.info("committed %s/%s (%d files, %d bytes)", self.directory, manifest.name, len(manifest.files), manifest.size)
         try:

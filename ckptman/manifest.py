@@ -88,37 +88,39 @@ class Manifest:
     created: float
     files: tuple[FileEntry, ...]
     metrics: Mapping[str, float] = field(default_factory=dict)
+    epoch: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "metrics", MappingProxyType(dict(self.metrics)))
 
     def __reduce__(self) -> tuple[type, tuple[object, ...]]:
         """Picklable (rank 0 hands manifests to the other ranks), although the metrics view is read-only."""
-        return (Manifest, (self.step, self.name, self.kind, self.created, self.files, dict(self.metrics)))
+        return (Manifest, (self.step, self.name, self.kind, self.created, self.files, dict(self.metrics), self.epoch))
 
     @property
     def size(self) -> int:
         return sum(entry.size for entry in self.files)
 
     def record(self) -> CheckpointRecord:
-        return CheckpointRecord(self.step, self.name, self.metrics, self.created, self.size, self.kind)
+        return CheckpointRecord(self.step, self.name, self.metrics, self.created, self.size, self.kind, self.epoch)
 
     def with_metrics(self, metrics: Mapping[str, float]) -> Manifest:
         return replace(self, metrics={**self.metrics, **metrics})
 
     def to_bytes(self) -> bytes:
-        return jsonfmt.dumps(
-            {
-                "format": FORMAT,
-                "version": VERSION,
-                "step": self.step,
-                "name": self.name,
-                "kind": self.kind,
-                "created": self.created,
-                "metrics": jsonfmt.encode_metrics(self.metrics),
-                "files": [entry.to_json() for entry in self.files],
-            }
-        )
+        document: dict[str, object] = {
+            "format": FORMAT,
+            "version": VERSION,
+            "step": self.step,
+            "name": self.name,
+            "kind": self.kind,
+            "created": self.created,
+            "metrics": jsonfmt.encode_metrics(self.metrics),
+            "files": [entry.to_json() for entry in self.files],
+        }
+        if self.epoch is not None:  # optional: readers that predate it ignore it
+            document["epoch"] = self.epoch
+        return jsonfmt.dumps(document)
 
     @staticmethod
     def from_bytes(data: bytes, source: str) -> Manifest:
@@ -137,4 +139,5 @@ class Manifest:
         if len({entry.path for entry in files}) != len(files):
             raise ManifestError(f"{source}: lists the same file twice")
         metrics = jsonfmt.decode_metrics(document.get("metrics", {}), source)
-        return Manifest(step, name, kind, created, files, metrics)  # type: ignore[arg-type]
+        epoch = jsonfmt.optional_count(document, "epoch", source)
+        return Manifest(step, name, kind, created, files, metrics, epoch)  # type: ignore[arg-type]

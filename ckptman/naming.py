@@ -31,6 +31,16 @@ def check_step(step: object) -> int:
     return value
 
 
+def check_epoch(epoch: object) -> int:
+    """Completed epochs as a plain int >= 0; bools and floats are rejected, numpy ints accepted."""
+    if isinstance(epoch, bool) or not isinstance(epoch, numbers.Integral):
+        raise InvalidStepError(f"epoch must be a non-negative int (completed epochs), got {epoch!r} ({type(epoch).__name__})")
+    value = operator.index(epoch)
+    if value < 0:
+        raise InvalidStepError(f"epoch must be a non-negative int (completed epochs), got {value}")
+    return value
+
+
 @dataclass(frozen=True)
 class NameFormat:
     """``name_format`` validated once, plus the pattern that recognises its folders.

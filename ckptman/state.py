@@ -7,7 +7,7 @@ source of truth: a missing, unreadable or stale sidecar is rebuilt from them
 and never causes a deletion::
 
     {
-      "format": "ckptman/state", "version": 1,
+      "format": "ckptman/state", "version": 1,  # 2 when policy.config holds a setting 0.1.0 lacks
       "latest": "step_00000200",
       "checkpoints": [{"step": 100, "name": "step_00000100", "kind": "state",
                        "created": 1764000000.0, "size": 123, "metrics": {...}}],
@@ -28,7 +28,13 @@ from ckptman.record import CheckpointRecord
 
 SIDECAR_NAME = "ckptman.json"
 FORMAT = "ckptman/state"
-VERSION = 1
+VERSION = 2
+# Version 1 readers (ckptman 0.1.0) refuse a policy.config holding keys they do not know, with a
+# confusing message; a sidecar with such keys is written as version 2, so they say "upgrade" instead.
+# Without them the sidecar stays version 1, exactly what 0.1.0 reads.
+_VERSION_1_CONFIG = frozenset(
+    {"save_interval_steps", "save_begin", "keep_last", "keep_every", "best", "mode", "keep_best"}
+)
 
 
 @dataclass(frozen=True)
@@ -39,21 +45,13 @@ class SidecarState:
     policy: Mapping[str, Any]
 
     def to_dict(self) -> dict[str, Any]:
+        config = self.policy.get("config")
+        newer_config = isinstance(config, Mapping) and not set(config) <= _VERSION_1_CONFIG
         return {
             "format": FORMAT,
-            "version": VERSION,
+            "version": VERSION if newer_config else 1,
             "latest": self.latest,
-            "checkpoints": [
-                {
-                    "step": r.step,
-                    "name": r.name,
-                    "kind": r.kind,
-                    "created": r.created,
-                    "size": r.size,
-                    "metrics": jsonfmt.encode_metrics(r.metrics),
-                }
-                for r in sorted(self.checkpoints, key=lambda r: r.step)
-            ],
+            "checkpoints": [_record_to_json(r) for r in sorted(self.checkpoints, key=lambda r: r.step)],
             "best": {name: dict(entry) for name, entry in self.best.items()},
             "policy": dict(self.policy),
         }
@@ -62,10 +60,10 @@ class SidecarState:
         return jsonfmt.dumps(self.to_dict())
 
     def same_checkpoints(self, other: SidecarState) -> bool:
-        """The same steps, names, kinds and metrics (compared as JSON, so NaN equals NaN)."""
+        """The same steps, names, kinds, epochs and metrics (compared as JSON, so NaN equals NaN)."""
 
-        def key(state: SidecarState) -> list[tuple[int, str, str, dict[str, float | str]]]:
-            return sorted((r.step, r.name, r.kind, jsonfmt.encode_metrics(r.metrics)) for r in state.checkpoints)
+        def key(state: SidecarState) -> list[tuple[int, str, str, int | None, dict[str, float | str]]]:
+            return sorted((r.step, r.name, r.kind, r.epoch, jsonfmt.encode_metrics(r.metrics)) for r in state.checkpoints)
 
         return key(self) == key(other)
 
@@ -90,6 +88,20 @@ class SidecarState:
         return SidecarState.from_dict(jsonfmt.loads(data, source), source)
 
 
+def _record_to_json(r: CheckpointRecord) -> dict[str, object]:
+    entry: dict[str, object] = {
+        "step": r.step,
+        "name": r.name,
+        "kind": r.kind,
+        "created": r.created,
+        "size": r.size,
+        "metrics": jsonfmt.encode_metrics(r.metrics),
+    }
+    if r.epoch is not None:  # optional, like the manifest's
+        entry["epoch"] = r.epoch
+    return entry
+
+
 def _record_from_json(raw: object, source: str) -> CheckpointRecord:
     if not isinstance(raw, dict):
         raise ManifestError(f"{source}: each checkpoint entry must be an object, got {raw!r}")
@@ -105,4 +117,5 @@ def _record_from_json(raw: object, source: str) -> CheckpointRecord:
         created=float(jsonfmt.require(raw, "created", (int, float), where)),
         size=jsonfmt.require(raw, "size", int, where),
         kind=kind,
+        epoch=jsonfmt.optional_count(raw, "epoch", where),
     )

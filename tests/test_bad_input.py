@@ -64,6 +64,10 @@ RAISES: list[tuple[str, Callable[[CheckpointManager], Any], type[Exception], str
     ("report for a missing step", lambda m: m.report(7, {"loss": 0.1}), Exception, "no committed checkpoint for step 7"),
     ("report with no metrics", lambda m: m.report(2, {}), InvalidMetricError, "at least one metric"),
     ("restore of a missing step", lambda m: m.restore(9), Exception, "committed steps: [1, 2]"),
+    ("bool epoch", lambda m: m.save(3, state(3), epoch=True), InvalidStepError, "epoch must be"),
+    ("float epoch", lambda m: m.save(3, state(3), epoch=1.0), InvalidStepError, "epoch must be"),
+    ("negative epoch", lambda m: m.save(3, state(3), epoch=-1), InvalidStepError, "epoch must be"),
+    ("string epoch to should_save", lambda m: m.should_save(3, epoch="1"), InvalidStepError, "epoch must be"),
 ]
 
 

@@ -90,7 +90,7 @@ class TestSidecar:
         "document, match",
         [
             ({"format": "ckptman/state", "version": 1}, "checkpoints"),
-            ({"format": "ckptman/state", "version": 2, "checkpoints": []}, "version 2"),
+            ({"format": "ckptman/state", "version": 3, "checkpoints": []}, "version 3"),
             ({"format": "ckptman/state", "version": 1, "checkpoints": [{"step": 1}]}, "name"),
             ({"format": "ckptman/state", "version": 1, "checkpoints": [], "latest": 3}, "latest"),
         ],

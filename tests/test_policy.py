@@ -11,7 +11,7 @@ from ckptman.errors import InvalidMetricError, PolicyConfigError
 from ckptman.policy import build_policy, decide, infer_mode, resolve_metrics
 from ckptman.policy.best import Metric, coerce_metrics, enters_top_k, rank
 from ckptman.policy.retention import KeepBest, KeepEvery, KeepLast, KeepLatest, KeepSteps
-from ckptman.policy.save import AnyOf, EveryCall, EveryNSteps
+from ckptman.policy.save import AnyOf, EveryCall, EveryNEpochs, EveryNSeconds, EveryNSteps, Progress
 from ckptman.record import CheckpointRecord
 
 
@@ -44,6 +44,37 @@ class TestSavePolicy:
     def test_invalid_interval_is_rejected(self, interval: object) -> None:
         with pytest.raises(PolicyConfigError, match="save_interval_steps"):
             EveryNSteps(interval)  # type: ignore[arg-type]
+
+    def test_epochs_are_due_once_per_interval_of_completed_epochs(self) -> None:
+        every2 = EveryNEpochs(2)
+        assert [e for e in range(0, 7) if every2.should_save(100, epoch=e)] == [2, 4, 6]
+        assert not every2.should_save(100)  # no epoch given: never due by epochs
+        assert not every2.should_save(100, epoch=4, saved_epoch=4), "a checkpoint already records epoch 4"
+        assert every2.should_save(100, epoch=4, saved_epoch=2)
+
+    def test_seconds_are_due_after_the_interval_since_the_last_save(self) -> None:
+        every = EveryNSeconds(30)
+        assert not every.should_save(1) and not every.should_save(1, seconds_since_save=29.9)
+        assert every.should_save(1, seconds_since_save=30.0)
+
+    def test_triggers_combine_as_a_union(self) -> None:
+        pol = policy(save_interval_steps=100, save_interval_epochs=1, save_interval_seconds=60)
+        assert isinstance(pol.save, AnyOf)
+        assert pol.save.due(Progress(200))
+        assert pol.save.due(Progress(7, epoch=1))
+        assert pol.save.due(Progress(7, seconds_since_save=61))
+        assert not pol.save.due(Progress(7, epoch=1, seconds_since_save=1, saved_epoch=1))
+        assert policy(save_interval_epochs=1).save == EveryNEpochs(1), "one trigger set: just that trigger"
+
+    @pytest.mark.parametrize("name, bad", [("save_interval_epochs", v) for v in (0, -1, 1.5, True, "2")]
+                             + [("save_interval_seconds", v) for v in (0, -5, True, "60", float("inf"), float("nan"))])
+    def test_invalid_trigger_settings_are_rejected(self, name: str, bad: object) -> None:
+        with pytest.raises(PolicyConfigError, match=name):
+            policy(**{name: bad})
+
+    def test_triggers_are_stored_only_when_set(self) -> None:
+        assert "save_interval_epochs" not in policy(save_interval_steps=5).config
+        assert policy(save_interval_epochs=2, save_interval_seconds=1.5).config["save_interval_seconds"] == 1.5
 
     def test_negative_begin_is_rejected(self) -> None:
         with pytest.raises(PolicyConfigError, match="save_begin"):

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import inspect
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
-from ckptman.errors import ManifestError, PolicyConfigError
+from ckptman.errors import CheckpointWarning, ManifestError, PolicyConfigError
 from ckptman.policy.best import Metric, enters_top_k, rank, resolve_metrics
 from ckptman.policy.retention import (
     KeepAll,
@@ -17,7 +19,7 @@ from ckptman.policy.retention import (
     RetentionRule,
     decide,
 )
-from ckptman.policy.save import EveryCall, EveryNSteps, SavePolicy, require_int
+from ckptman.policy.save import AnyOf, EveryCall, EveryNEpochs, EveryNSeconds, EveryNSteps, Progress, SavePolicy, require_int
 from ckptman.record import CheckpointRecord
 
 
@@ -42,9 +44,12 @@ class Policy:
                 return metric
         raise PolicyConfigError(f"metric {name!r} is not tracked; tracked: {[m.name for m in self.metrics]}")
 
-    def wants(self, records: Sequence[CheckpointRecord], candidate: CheckpointRecord) -> bool:
-        """Due by interval, or the candidate's metrics would rank it among the kept best."""
-        if self.save.should_save(candidate.step):
+    def wants(self, records: Sequence[CheckpointRecord], candidate: CheckpointRecord, progress: Progress | None = None) -> bool:
+        """Due by a trigger, or the candidate's metrics would rank it among the kept best.
+
+        ``progress`` carries what the triggers look at besides the step (default: the candidate's step and epoch).
+        """
+        if self.save.due(progress or Progress(candidate.step, candidate.epoch)):
             return True
         return any(enters_top_k(records, metric, self.keep_best, candidate) for metric in self.metrics)
 
@@ -72,16 +77,19 @@ class Policy:
 
 def build_policy(
     *,
-    save_interval_steps: int | None,
-    save_begin: int,
-    keep_last: int | None,
-    keep_every: int | None,
-    best: str | Sequence[str] | None,
-    mode: str | Mapping[str, str] | None,
-    keep_best: int,
+    save_interval_steps: int | None = None,
+    save_begin: int = 0,
+    keep_last: int | None = None,
+    keep_every: int | None = None,
+    best: str | Sequence[str] | None = None,
+    mode: str | Mapping[str, str] | None = None,
+    keep_best: int = 1,
+    save_interval_epochs: int | None = None,
+    save_interval_seconds: float | None = None,
 ) -> Policy:
+    """The manager's keyword arguments, with its defaults: the signature is also the sidecar's ``policy.config`` schema."""
     require_int("save_begin", save_begin, minimum=0)
-    save: SavePolicy = EveryCall() if save_interval_steps is None else EveryNSteps(save_interval_steps, save_begin)
+    save = _save_policy(save_interval_steps, save_begin, save_interval_epochs, save_interval_seconds)
     metrics = resolve_metrics(best, mode)
     require_int("keep_best", keep_best, minimum=1)
     rules: list[RetentionRule] = [KeepLatest(), KeepAll() if keep_last is None else KeepLast(keep_last)]
@@ -97,17 +105,50 @@ def build_policy(
         "mode": {m.name: m.mode for m in metrics} or None,
         "keep_best": keep_best,
     }
+    # Only when set: a sidecar without them stays exactly what 0.1.0 wrote and reads.
+    if save_interval_epochs is not None:
+        config["save_interval_epochs"] = save_interval_epochs
+    if save_interval_seconds is not None:
+        config["save_interval_seconds"] = save_interval_seconds
     return Policy(save=save, metrics=metrics, keep_best=keep_best, retention=tuple(rules), config=config)
 
 
+def _save_policy(steps: int | None, begin: int, epochs: int | None, seconds: float | None) -> SavePolicy:
+    """The union of the set triggers; every ``save()`` call saves when none is set."""
+    triggers: list[SavePolicy] = []
+    if steps is not None:
+        triggers.append(EveryNSteps(steps, begin))
+    if epochs is not None:
+        triggers.append(EveryNEpochs(epochs))
+    if seconds is not None:
+        triggers.append(EveryNSeconds(seconds))
+    if not triggers:
+        return EveryCall()
+    return triggers[0] if len(triggers) == 1 else AnyOf(tuple(triggers))
+
+
 def policy_from_config(config: object, source: str) -> Policy:
-    """Rebuild the policy a sidecar recorded (``policy.config``), e.g. for ``ckptman ls``."""
-    if not isinstance(config, Mapping) or set(config) != set(_CONFIG_KEYS):
-        raise ManifestError(f"{source}: 'policy.config' must be an object with keys {sorted(_CONFIG_KEYS)}, got {config!r}")
+    """Rebuild the policy a sidecar recorded (``policy.config``), e.g. for ``ckptman ls``.
+
+    Any version's sidecar reads: a key it lacks (an older writer had no such
+    setting) takes :func:`build_policy`'s default; a key this version does not
+    know (a newer writer's setting) is ignored with a warning.
+    """
+    if not isinstance(config, Mapping):
+        raise ManifestError(f"{source}: 'policy.config' must be an object, got {config!r}")
+    unknown = sorted(set(config) - _CONFIG_KEYS)
+    if unknown:
+        warnings.warn(
+            f"{source}: 'policy.config' has settings this ckptman does not know (written by a newer version?); "
+            f"ignored: {unknown}",
+            CheckpointWarning,
+            stacklevel=2,
+        )
     try:
-        return build_policy(**config)
+        return build_policy(**{key: value for key, value in config.items() if key in _CONFIG_KEYS})
     except PolicyConfigError as exc:
         raise ManifestError(f"{source}: 'policy.config' is invalid: {exc}") from exc
 
 
-_CONFIG_KEYS = ("save_interval_steps", "save_begin", "keep_last", "keep_every", "best", "mode", "keep_best")
+_CONFIG_KEYS = frozenset(inspect.signature(build_policy).parameters)
+"""The known ``policy.config`` keys: :func:`build_policy`'s arguments, so a new argument is known at once."""
