@@ -10,14 +10,13 @@ keyword arguments.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import NamedTuple, Protocol, runtime_checkable
 
 from ckptman.errors import PolicyConfigError
 
 
-@dataclass(frozen=True)
-class Progress:
-    """Where training is, as values the caller measured.
+class Progress(NamedTuple):
+    """Where training is, as values the caller measured (a tuple: built on every call, so it must be cheap).
 
     ``epoch``: completed epochs (1 at the end of the first). ``seconds_since_save``:
     since the last save, on the caller's monotonic clock. ``saved_epoch``: the
