@@ -57,6 +57,8 @@ def resolve_metrics(best: str | Sequence[str] | None, mode: str | Mapping[str, s
         if mode is not None:
             raise PolicyConfigError("mode= was given without best=; name the metric(s) to track with best=")
         return ()
+    if not isinstance(best, (str, Sequence)):
+        raise PolicyConfigError(f"best= must be a metric name or a list of names, got {best!r}")
     names = [best] if isinstance(best, str) else list(best)
     if not names:
         raise PolicyConfigError("best= is an empty list; pass None to track no metric")
