@@ -194,15 +194,21 @@ def test_continues_0_1_0_run(golden: Backend) -> None:
 
 
 # -- forward: 0.1.0 on what the current code writes ---------------------------------------
-#: What the current code writes for 0.1.0 to read: add a case for every new setting or field it can store.
-WRITER_POLICIES = {"golden-policy": POLICY, "defaults": {}}
+#: What the current code writes for 0.1.0 to read, as (policy, pass epoch=): add a case for every new
+#: setting or field it can store. The epoch trigger's setting makes the sidecar version 2; ``epoch`` is a
+#: manifest field 0.1.0 ignores.
+WRITERS: dict[str, tuple[dict[str, Any], bool]] = {
+    "golden-policy": (POLICY, False),
+    "defaults": ({}, False),
+    "epochs": ({**POLICY, "save_interval_epochs": 1}, True),
+}
 
 
-@pytest.mark.parametrize("policy", WRITER_POLICIES.values(), ids=WRITER_POLICIES.keys())
-def test_0_1_0_reads_what_this_version_writes(ckptman_0_1_0: Path, tmp_path: Path, policy: dict[str, Any]) -> None:
+@pytest.mark.parametrize("policy, epochs", WRITERS.values(), ids=WRITERS.keys())
+def test_0_1_0_reads_what_this_version_writes(ckptman_0_1_0: Path, tmp_path: Path, policy: dict[str, Any], epochs: bool) -> None:
     directory = str(tmp_path / "run")
     with CheckpointManager(directory, **policy) as mgr:
-        given = golden_run.write_run(mgr)
+        given = golden_run.write_run(mgr, epochs=epochs)
     found = golden_run.read_back(directory, policy)
     golden_run.check_saved(found, given)
     report = read_with_0_1_0(ckptman_0_1_0, directory, policy)

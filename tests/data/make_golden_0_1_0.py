@@ -73,12 +73,14 @@ def files_at(step: int) -> dict[str, bytes]:
     }
 
 
-def write_run(mgr: Any) -> dict[int, dict[str, float]]:
+def write_run(mgr: Any, *, epochs: bool = False) -> dict[int, dict[str, float]]:
     """The golden run's calls on an open writable manager; returns the metrics given per saved step.
 
-    Only API that 0.1.0 has. With :data:`POLICY`, step 45 is saved off the
-    interval as a new best val/acc, step 30 records a NaN, step 20's accuracy
-    comes later by ``report()``, and retention deletes steps 10, 40 and 50.
+    Only API that 0.1.0 has, unless ``epochs`` (a later version's ``epoch=``,
+    one epoch per 10 steps, so manifests record it). With :data:`POLICY`, step
+    45 is saved off the interval as a new best val/acc, step 30 records a NaN,
+    step 20's accuracy comes later by ``report()``, and retention deletes
+    steps 10, 40 and 50.
     """
     nan = float("nan")
     plan: list[tuple[int, str, dict[str, float]]] = [
@@ -93,10 +95,11 @@ def write_run(mgr: Any) -> dict[int, dict[str, float]]:
     ]
     given: dict[int, dict[str, float]] = {}
     for step, kind, metrics in plan:
+        extra = {"epoch": step // 10} if epochs else {}
         if kind == "state":
-            saved = mgr.save(step, state_at(step), metrics=metrics)
+            saved = mgr.save(step, state_at(step), metrics=metrics, **extra)
         else:
-            with mgr.save_directory(step, metrics=metrics) as folder:
+            with mgr.save_directory(step, metrics=metrics, **extra) as folder:
                 saved = folder is not None
                 if saved:
                     write_files(folder, files_at(step))
