@@ -1,6 +1,7 @@
 """The commit protocol: what makes a checkpoint exist, and what makes it stop existing.
 
-Save sequence (one process; every step runs on the saving process):
+Save sequence as one process sees it (across ranks, which rank runs which
+step is :mod:`ckptman.saving`):
 
 1. Remove any leftover folder of the same name: it has no manifest, so it is
    the debris of an interrupted save and was never visible.
@@ -10,7 +11,8 @@ Save sequence (one process; every step runs on the saving process):
 4. **Commit**: write ``<name>/ckptman-manifest.json`` in one call, last.
    Local disk: temporary name, fsync, rename, fsync folder. Object stores: one
    PUT, visible only when complete. No copy or rename of payload data.
-5. The manager then moves ``latest``, applies retention and writes the sidecar.
+5. Then ``latest`` moves, retention runs and the sidecar is written
+   (:meth:`ckptman.bookkeeping.Bookkeeper.commit`).
 
 Delete sequence: the manifest first, then the rest of the folder, so a crash
 mid-delete leaves a folder without manifest (ignored, later cleaned up),

@@ -585,7 +585,7 @@ def test_sharded_save_and_restore_in_one_process(backend: Any) -> None:
     assert mgr.save(1, source, sharded=True)
     record = mgr.record(1)
     assert record.kind == "sharded"
-    files = {entry.path for entry in mgr._manifest(1).files}
+    files = {entry.path for entry in mgr._catalog.manifest(1).files}
     assert ".metadata" in files and any(path.endswith(".distcp") for path in files)
     assert mgr.verify().ok
     target = {"w": torch.zeros(3, 4), "b": torch.zeros(5)}
