@@ -11,6 +11,13 @@ collectives on the default group.
 A peer that dies makes gloo fail the collective at once (its connection
 closes); one that stops answering makes it fail after the group's timeout
 (``dist_timeout``). Either is raised as :class:`~ckptman.errors.PeerRankError`.
+
+Before creating its groups, a manager checks through the default group's
+store, with a short timeout, that every rank of the group constructs it:
+``new_group`` is a collective, and a manager built on one rank alone (a
+framework hook on rank 0) would otherwise wait in it for torch's 30 minutes.
+``process_group=THIS_PROCESS`` builds a manager for this process alone,
+with no group and no collective.
 """
 
 from __future__ import annotations
@@ -18,15 +25,29 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import datetime
+import enum
 import numbers
 import pickle
 from typing import Any, Callable, Iterator, Protocol, TypeVar
 
-from ckptman.errors import PeerRankError, PolicyConfigError
+from ckptman.errors import (
+    CheckpointError,
+    MissingRanksError,
+    PeerRankError,
+    PolicyConfigError,
+    ShardedOnOneRankError,
+)
 
 T = TypeVar("T")
 
 COORDINATOR = 0
+# How long the ranks of a new manager wait for each other to construct it when dist_timeout is None:
+# long enough for ranks that construct it after the same setup, short against torch's 30 minutes.
+JOIN_TIMEOUT = datetime.timedelta(seconds=60)
+ONE_RANK_HINT = (
+    "pass process_group=ckptman.THIS_PROCESS where only this process calls the manager "
+    "(e.g. a framework hook that runs on rank 0 only)"
+)
 # What the collectives of this thread are part of, for the message of a PeerRankError.
 _OPERATION: contextvars.ContextVar[str] = contextvars.ContextVar("ckptman_operation", default="a ckptman call")
 
@@ -98,6 +119,76 @@ class SingleProcess:
         return [value]
 
 
+class _ThisProcess(enum.Enum):
+    """The type of :data:`THIS_PROCESS` (an enum: its one value pickles and compares as itself)."""
+
+    THIS_PROCESS = "THIS_PROCESS"
+
+    def __repr__(self) -> str:
+        return "ckptman.THIS_PROCESS"
+
+    __str__ = __repr__
+
+
+THIS_PROCESS = _ThisProcess.THIS_PROCESS
+"""``process_group=THIS_PROCESS``: a manager acting for this process alone, even inside an initialised job."""
+
+
+class ThisProcessOnly(SingleProcess):
+    """The coordinator of ``process_group=THIS_PROCESS``: this process is its own rank 0; nothing is collective."""
+
+
+def require_every_rank(ranks: Coordinator, call: str) -> None:
+    """DCP's save and load are collective over the whole job: a one-process manager cannot take part alone."""
+    if isinstance(ranks, ThisProcessOnly):
+        raise ShardedOnOneRankError(
+            f"{call} needs every rank of the job (torch.distributed.checkpoint writes and reads each rank's "
+            "shards collectively), but this manager was built with process_group=ckptman.THIS_PROCESS and acts "
+            "for this process alone. Construct the manager on every rank (process_group=None) for sharded "
+            "checkpoints, or save a full state dict from this rank with save(step, state)"
+        )
+
+
+# Successful joins per group (its global ranks), in the order every rank constructs its managers.
+_joined: dict[tuple[int, ...], int] = {}
+
+
+def join(ranks: tuple[int, ...], rank: int, timeout: datetime.timedelta) -> None:
+    """Wait until every rank of the group constructs this manager, or raise MissingRanksError.
+
+    A counter in the default group's store, not a collective: no group is
+    created and nothing is left waiting. A rank that gives up withdraws its
+    count, unless every rank arrived meanwhile (then it joins too), so all
+    ranks either pass together or fail, and a later attempt starts afresh.
+    """
+    from torch.distributed.distributed_c10d import _get_default_store
+
+    store = _get_default_store()
+    key = f"ckptman/join/{','.join(map(str, ranks))}/{_joined.get(ranks, 0)}"
+    arrived = store.add(key, 1)
+    if arrived == len(ranks):
+        store.set(f"{key}/all", "1")
+    else:
+        try:
+            store.wait([f"{key}/all"], timeout)
+        except RuntimeError as exc:  # DistStoreError: the wait timed out
+            arrived = store.add(key, -1) + 1
+            if arrived != len(ranks):
+                raise _missing(rank, len(ranks), arrived, timeout) from exc
+            store.add(key, 1)  # the last rank arrived while this one gave up: all pass
+    _joined[ranks] = _joined.get(ranks, 0) + 1
+
+
+def _missing(rank: int, world_size: int, arrived: int, timeout: datetime.timedelta) -> MissingRanksError:
+    return MissingRanksError(
+        f"rank {rank}: only {arrived} of the {world_size} ranks of the job constructed this CheckpointManager "
+        f"within {timeout.total_seconds():g}s. With process_group=None (the default) inside an initialised "
+        f"torch.distributed job the manager is collective: every rank constructs it and calls it; {ONE_RANK_HINT}. "
+        "If the ranks only reach the constructor far apart, pass a longer dist_timeout. "
+        "No process group was created: the job can go on"
+    )
+
+
 class TorchDistributed:
     """Object collectives on a dedicated gloo group (created collectively, once per manager)."""
 
@@ -109,6 +200,7 @@ class TorchDistributed:
         self.world_size = dist.get_world_size(group)
         self.timeout = timeout
         ranks = None if group is None else dist.get_process_group_ranks(group)
+        join(tuple(ranks or range(self.world_size)), self.rank, timeout or JOIN_TIMEOUT)
         with self._peers("creation of its gloo group"):
             self.group = dist.new_group(ranks=ranks, backend="gloo", timeout=timeout)
 
@@ -156,8 +248,8 @@ class TorchDistributed:
             waited = f"dist_timeout={self.timeout.total_seconds():g}s"
         return PeerRankError(
             f"rank {self.rank} of {self.world_size} lost {peer} during {_OPERATION.get()}: ckptman's {collective} failed "
-            f"(gloo: {cause}). A rank died, or did not reach the same ckptman call within {waited} (raise "
-            "dist_timeout if ranks are that far apart only because one is slow, e.g. uploading). The job cannot "
+            f"(gloo: {cause}). A rank died, or did not reach the same ckptman call within {waited} ({ONE_RANK_HINT}; "
+            "raise dist_timeout if ranks are that far apart only because one is slow, e.g. uploading). The job cannot "
             "continue: restart all its ranks. Checkpoints already committed stay restorable; the next writable "
             "manager removes what an interrupted save left."
         )
@@ -165,6 +257,8 @@ class TorchDistributed:
 
 def coordinator(process_group: Any = None, timeout: datetime.timedelta | None = None) -> Coordinator:
     """TorchDistributed when a process group is given or the default one is initialized, else SingleProcess."""
+    if process_group is THIS_PROCESS:
+        return ThisProcessOnly()
     try:
         import torch.distributed as dist
     except ImportError:  # pragma: no cover - torch built without distributed
@@ -181,19 +275,28 @@ def portable(error: BaseException) -> tuple[str, str]:
     return type(error).__name__, str(error)
 
 
-def _rebuild(kind: str, message: str) -> BaseException:
-    """The same ckptman error class on every rank; anything else as a CheckpointError naming it."""
-    from ckptman import errors
+def _transportable(error: Exception) -> BaseException | tuple[str, str]:
+    """ckptman's own errors cross ranks as themselves (with fields such as ``failed_ranks``); others by name."""
+    if isinstance(error, CheckpointError):
+        try:
+            pickle.dumps(error)
+        except Exception:  # noqa: BLE001 - an unpicklable field: send the name and message instead
+            return portable(error)
+        return error
+    return portable(error)
 
-    cls = getattr(errors, kind, None)
-    if isinstance(cls, type) and issubclass(cls, errors.CheckpointError):
-        return cls(message)
-    return errors.CheckpointError(f"{kind} on rank {COORDINATOR}: {message}")
+
+def _rebuild(failure: BaseException | tuple[str, str]) -> BaseException:
+    """Rank 0's error on another rank: a ckptman error as it was; anything else as a CheckpointError naming it."""
+    if isinstance(failure, BaseException):
+        return failure
+    kind, message = failure
+    return CheckpointError(f"{kind} on rank {COORDINATOR}: {message}")
 
 
 def on_coordinator(ranks: Coordinator, work: Callable[[], T]) -> T:
     """Run ``work`` on rank 0 only; every rank returns its result or raises its error."""
-    outcome: tuple[Any, tuple[str, str] | None] | None = None
+    outcome: tuple[Any, BaseException | tuple[str, str] | None] | None = None
     error: BaseException | None = None
     if ranks.is_coordinator:
         try:
@@ -202,10 +305,10 @@ def on_coordinator(ranks: Coordinator, work: Callable[[], T]) -> T:
                 pickle.dumps(outcome)  # fail here, on rank 0, rather than leave the others waiting
         except Exception as exc:  # noqa: BLE001 - handed to every rank, then re-raised
             error = exc
-            outcome = (None, portable(exc))
+            outcome = (None, _transportable(exc))
     result, failure = ranks.broadcast(outcome)  # type: ignore[misc]
     if error is not None:
         raise error
     if failure is not None:
-        raise _rebuild(*failure)
+        raise _rebuild(failure)
     return result  # type: ignore[no-any-return]

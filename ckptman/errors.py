@@ -7,6 +7,8 @@ conventions keeps working.
 
 from __future__ import annotations
 
+from typing import Any, Mapping
+
 
 class CheckpointError(Exception):
     """Base class of every error ckptman raises on purpose."""
@@ -81,6 +83,68 @@ class PeerRankError(CheckpointError, RuntimeError):
 
     A ``RuntimeError`` too, as the gloo error it replaces (kept as ``__cause__``).
     """
+
+
+class MissingRanksError(PeerRankError):
+    """Not every rank constructed the (collective) manager in time: usually code that runs on one rank only.
+
+    Raised before any process group is created, so unlike its base class it
+    leaves the job usable: pass ``process_group=ckptman.THIS_PROCESS`` there.
+    """
+
+
+class ShardedOnOneRankError(CheckpointError, ValueError):
+    """``sharded=True`` on a manager built with ``process_group=THIS_PROCESS``: DCP needs every rank."""
+
+
+class SaveFailedError(CheckpointError):
+    """A save failed on one or more ranks; nothing was committed and its folder was removed.
+
+    ``failed_ranks`` maps each rank that failed to its error as ``"Type: message"``.
+    """
+
+    def __init__(self, step: int, failed_ranks: Mapping[int, str]) -> None:
+        self.step = step
+        self.failed_ranks = dict(failed_ranks)
+        causes = "; ".join(f"rank {rank}: {error}" for rank, error in sorted(self.failed_ranks.items()))
+        super().__init__(
+            f"the save of step {step} failed, nothing was committed: {causes}. Fix the cause and save again"
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Handed from rank 0 to every rank with its fields, not rebuilt from the message.
+        return type(self), (self.step, self.failed_ranks)
+
+
+class WrongCheckpointKindError(CheckpointError, TypeError):
+    """The restore call does not load this checkpoint's kind; ``use`` names the call that does."""
+
+    def __init__(self, name: str, kind: str, use: str) -> None:
+        self.name, self.kind, self.use = name, kind, use
+        super().__init__(f"checkpoint {name} is a {kind} checkpoint; use {use}")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return type(self), (self.name, self.kind, self.use)
+
+
+class StateRequiredError(CheckpointError, TypeError):
+    """``restore(sharded=True)`` without ``state=``: a sharded checkpoint loads in place into a state dict."""
+
+
+class ReservedNameError(CheckpointError, ValueError):
+    """A ``save_directory()`` block wrote a file under a name ckptman writes itself (its manifest)."""
+
+
+class EmptyCheckpointError(CheckpointError, ValueError):
+    """A ``save_directory()`` block wrote no file on any rank; an empty checkpoint is never committed."""
+
+
+class FileNameClashError(CheckpointError, ValueError):
+    """Two ranks wrote a file of the same name into one checkpoint; nothing was committed."""
+
+
+class UnreadableFolderError(CheckpointError, FileExistsError):
+    """The folder of the step being saved exists with a manifest ckptman cannot read; it is never overwritten."""
 
 
 class CheckpointWarning(UserWarning):
