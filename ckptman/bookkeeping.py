@@ -20,7 +20,7 @@ from typing import Iterator
 from ckptman import commit
 from ckptman import staging as staging_dirs
 from ckptman.catalog import Catalog
-from ckptman.errors import CheckpointError, CheckpointWarning, ManifestError, ReadOnlyError
+from ckptman.errors import CheckpointWarning, ManifestError, ReadOnlyError, StepExistsError, UnreadableFolderError
 from ckptman.lease import Lease
 from ckptman.manifest import Manifest
 from ckptman.naming import NameFormat
@@ -188,13 +188,13 @@ class Bookkeeper:
     def prepare_folder(self, step: int) -> str:
         name = self.names(step)
         if name in self.catalog.unreadable:
-            raise CheckpointError(
+            raise UnreadableFolderError(
                 f"{self.storage.url}/{name} exists with an unreadable manifest ({self.catalog.unreadable[name]}); "
                 "inspect it and delete it by hand before saving this step"
             )
         if name in self.leftovers:  # anything else was cleaned when the directory was opened
             if self.storage.exists(commit.manifest_path(name)):
-                raise CheckpointError(
+                raise StepExistsError(
                     f"{self.storage.url}/{name} was committed by a save that reported a storage error; "
                     "call refresh() to see it"
                 )

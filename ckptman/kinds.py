@@ -25,7 +25,7 @@ from typing import Any, Mapping
 from ckptman import restore, transfer, verify
 from ckptman import sharded as sharded_io
 from ckptman.distributed import Coordinator
-from ckptman.errors import CheckpointError, CorruptCheckpointError
+from ckptman.errors import CorruptCheckpointError, ReservedNameError, WrongCheckpointKindError
 from ckptman.manifest import MANIFEST_NAME, FileEntry, Manifest
 from ckptman.record import CheckpointKind
 from ckptman.storage import Storage
@@ -60,7 +60,7 @@ def require_kind(manifest: Manifest, kind: CheckpointKind) -> None:
         "sharded": "restore(sharded=True, state=...)",
         "directory": f"restore_directory({manifest.step})",
     }[manifest.kind]
-    raise CheckpointError(f"checkpoint {manifest.name} is a {manifest.kind} checkpoint; use {right_call}")
+    raise WrongCheckpointKindError(manifest.name, manifest.kind, right_call)
 
 
 class StateFile:
@@ -88,7 +88,7 @@ class Directory:
     def upload(place: Place, staging: str, step: int, name: str) -> tuple[FileEntry, ...]:
         files = transfer.local_files(staging)
         if MANIFEST_NAME in files:
-            raise CheckpointError(f"save_directory({step}) wrote {MANIFEST_NAME}, a name ckptman reserves; rename it")
+            raise ReservedNameError(f"save_directory({step}) wrote {MANIFEST_NAME}, a name ckptman reserves; rename it")
         items = [(os.path.join(staging, path), file_path(name, path), path) for path in files]
         return place.transfers.upload_files(place.storage, items)
 

@@ -25,7 +25,7 @@ from ckptman import staging as staging_dirs
 from ckptman.background import BackgroundWriter, Snapshotter
 from ckptman.bookkeeping import Bookkeeper
 from ckptman.catalog import Catalog
-from ckptman.errors import InvalidMetricError, ManagerClosedError, ReadOnlyError
+from ckptman.errors import InvalidMetricError, ManagerClosedError, ReadOnlyError, StateRequiredError
 from ckptman.kinds import Directory, Place, Sharded, StateFile
 from ckptman.lease import Lease
 from ckptman.manifest import Manifest
@@ -48,6 +48,14 @@ class CheckpointManager:
 
     See docs/getting-started.md for the argument reference; every argument is validated
     here, so a bad setting fails at construction, not after hours of training.
+
+    ``process_group=None`` inside an initialised torch.distributed job makes the
+    manager collective: every rank of the default group constructs it and calls
+    it. Code that runs on one rank only (a framework hook on rank 0) passes
+    ``process_group=ckptman.THIS_PROCESS``: a manager for this process alone, with
+    no process group and no collective (no sharded saves; the lease is this
+    process's). A collective manager constructed on some ranks only raises
+    ``MissingRanksError`` once ``dist_timeout`` (None: 60 s) has passed.
 
     ``dist_timeout`` (a ``datetime.timedelta`` or seconds; None: torch's default, 30
     minutes for gloo) bounds how long a rank waits in ckptman's collectives for the
@@ -189,6 +197,8 @@ class CheckpointManager:
         ``epoch`` (completed epochs) is recorded in the manifest and drives
         ``save_interval_epochs``.
         """
+        if sharded:
+            distributed.require_every_rank(self._control, "save(sharded=True)")
         candidate = self._decide(step, metrics, force, epoch)
         if candidate is None:
             return False
@@ -284,8 +294,11 @@ class CheckpointManager:
         """
         if not sharded:
             return self._first_verified(step, lambda m: StateFile.load(self._place, m, map_location, weights_only))
+        distributed.require_every_rank(self._control, "restore(sharded=True)")
         if not isinstance(state, dict):
-            raise TypeError("restore(sharded=True) loads in place: pass state=<the state dict to fill>, e.g. model.state_dict()")
+            raise StateRequiredError(
+                "restore(sharded=True) loads in place: pass state=<the state dict to fill>, e.g. model.state_dict()"
+            )
         return self._first_verified(step, lambda m: Sharded.load(self._place, self._control, m, state))
 
     def restore_directory(self, step: int | None = None, local_dir: str | os.PathLike[str] | None = None) -> str:

@@ -14,7 +14,8 @@ For one checkpoint (a :class:`CheckpointRecord` decided by rank 0, see
    when any rank failed, wrote nothing, or two ranks wrote the same file,
    removes the folder and commits nothing.
 5. **Every rank** receives rank 0's catalog, or the error: a rank that failed
-   raises its own error, the others rank 0's.
+   raises its own error (unless it is a ``BaseException`` such as DCP's), the
+   others rank 0's, e.g. a :class:`SaveFailedError` naming the failed ranks.
 
 In a single process every step runs there and the collectives are no-ops.
 With ``async_save=True`` the whole sequence runs on the background thread,
@@ -29,7 +30,7 @@ from typing import Callable, Sequence
 
 from ckptman import distributed
 from ckptman.bookkeeping import Bookkeeper
-from ckptman.errors import CheckpointError
+from ckptman.errors import EmptyCheckpointError, FileNameClashError, SaveFailedError
 from ckptman.manifest import FileEntry, Manifest
 from ckptman.record import CheckpointRecord
 
@@ -53,24 +54,35 @@ def save_collectively(ranks: distributed.Coordinator, books: Bookkeeper, record:
 
     def finish() -> None:
         with books.discard_on_error(name):
-            failed = [f"rank {rank}: {error[0]}: {error[1]}" for rank, (_, error) in enumerate(reports) if error]
+            failed = {rank: f"{error[0]}: {error[1]}" for rank, (_, error) in enumerate(reports) if error}
             if failed:
-                raise CheckpointError(f"the save of step {step} failed, nothing was committed: {'; '.join(failed)}")
+                raise SaveFailedError(step, failed)
             entries = tuple(entry for files, _ in reports for entry in files)
             if not entries:
-                raise CheckpointError(f"save_directory({step}) wrote no files; nothing was committed")
-            paths = [entry.path for entry in entries]
-            if len(set(paths)) != len(paths):
-                raise CheckpointError(f"ranks wrote files with the same name into step {step}: {sorted(paths)}")
+                raise EmptyCheckpointError(
+                    f"save_directory({step}) wrote no files on any rank; nothing was committed. Write the "
+                    "checkpoint's files into the folder it yields"
+                )
+            writers: dict[str, list[int]] = {}
+            for rank, (files, _) in enumerate(reports):
+                for entry in files:
+                    writers.setdefault(entry.path, []).append(rank)
+            clashes = {path: owners for path, owners in writers.items() if len(owners) > 1}
+            if clashes:
+                named = ", ".join(f"{path} (ranks {', '.join(map(str, owners))})" for path, owners in sorted(clashes.items()))
+                raise FileNameClashError(
+                    f"ranks wrote files with the same name into step {step}: {named}; nothing was committed. "
+                    "Give each rank's files names of their own (e.g. with the rank in them)"
+                )
             books.commit(Manifest(step, name, record.kind, time.time(), entries, record.metrics, record.epoch))
 
     try:
         books.catalog.on_coordinator(ranks, finish)
-    except Exception:
+    except Exception as exc:
         if isinstance(failure, Exception):
             raise failure from None  # the failing rank reports its own error
-        if failure is not None:
-            raise CheckpointError(f"the save of step {step} failed on this rank: {failure}") from failure
+        if failure is not None:  # a BaseException (DCP's): rank 0's error, naming every failed rank, caused by it
+            raise exc from failure
         raise
     books.catalog.pinned = {}  # on every rank, as rank 0 did in its commit
 
