@@ -18,11 +18,16 @@ from ckptman import (
     CheckpointManager,
     CheckpointNotFoundError,
     CheckpointWarning,
+    EmptyCheckpointError,
     InvalidMetricError,
     InvalidStepError,
     NotADirectoryStorageError,
+    ReservedNameError,
+    StateRequiredError,
     StepExistsError,
+    UnreadableFolderError,
     UnsupportedProtocolError,
+    WrongCheckpointKindError,
 )
 from ckptman.manifest import MANIFEST_NAME
 
@@ -39,6 +44,14 @@ def run(backend: Any) -> Any:
     mgr.save(2, state(2), metrics={"loss": 0.7})
     yield backend, mgr
     mgr.close()
+
+
+def save_files(mgr: CheckpointManager, step: int, names: list[str]) -> None:
+    """A forced save_directory() whose block writes ``names`` (each a few bytes)."""
+    with mgr.save_directory(step, force=True) as folder:
+        for name in names:
+            with open(f"{folder}/{name}", "wb") as f:
+                f.write(name.encode())
 
 
 def assert_nothing_lost(backend: Any) -> None:
@@ -68,6 +81,10 @@ RAISES: list[tuple[str, Callable[[CheckpointManager], Any], type[Exception], str
     ("float epoch", lambda m: m.save(3, state(3), epoch=1.0), InvalidStepError, "epoch must be"),
     ("negative epoch", lambda m: m.save(3, state(3), epoch=-1), InvalidStepError, "epoch must be"),
     ("string epoch to should_save", lambda m: m.should_save(3, epoch="1"), InvalidStepError, "epoch must be"),
+    ("save_directory writing the manifest's name", lambda m: save_files(m, 3, ["a.bin", MANIFEST_NAME]), ReservedNameError, "a name ckptman reserves; rename it"),
+    ("save_directory writing no file", lambda m: save_files(m, 3, []), EmptyCheckpointError, "wrote no files on any rank"),
+    ("sharded restore without state=", lambda m: m.restore(1, sharded=True), StateRequiredError, "pass state=<the state dict to fill>"),
+    ("sharded restore of a state checkpoint", lambda m: m.restore(1, sharded=True, state={}), WrongCheckpointKindError, "use restore() without sharded=True"),
 ]
 
 
@@ -143,10 +160,22 @@ def test_manifest_with_path_traversal_is_ignored_not_followed_not_deleted(run: A
         assert reopened.all_steps() == [1, 2]
         report = reopened.verify()
         assert not report.ok and report.failures[0].name == "step_00000003"
-        with pytest.raises(Exception, match="unreadable manifest"):
+        with pytest.raises(UnreadableFolderError, match="unreadable manifest.*delete it by hand"):
             reopened.save(3, state(3))
     fs.invalidate_cache()
     assert fs.exists(f"{root}/step_00000003/{MANIFEST_NAME}"), "an unreadable manifest is reported, never deleted"
+    assert_nothing_lost(backend)
+
+
+def test_restore_of_a_directory_checkpoint_names_the_call_to_use(run: Any) -> None:
+    backend, mgr = run
+    save_files(mgr, 3, ["model.bin"])
+    with pytest.raises(WrongCheckpointKindError, match=r"step_00000003 is a directory checkpoint; use restore_directory\(3\)") as raised:
+        mgr.restore(3)
+    assert (raised.value.kind, raised.value.use) == ("directory", "restore_directory(3)")
+    with pytest.raises(WrongCheckpointKindError, match="use restore_directory"):
+        mgr.restore()  # the latest is never skipped for being of another kind
+    assert mgr.all_steps() == [1, 2, 3]
     assert_nothing_lost(backend)
 
 
