@@ -39,7 +39,8 @@ from typing import NoReturn
 from ckptman.errors import DirectoryLockedError, LeaseLostError, PolicyConfigError
 from ckptman.retry import RetryPolicy
 from ckptman.staging import pid_alive
-from ckptman.storage import Storage, Versioned
+from ckptman.conditional import Versioned
+from ckptman.storage import Storage
 
 LEASE_NAME = "ckptman.lock"
 # A takeover that finds the lease released meanwhile creates it again; this bounds how often.

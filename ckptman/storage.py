@@ -7,51 +7,40 @@ Two kinds of filesystem need different mechanics for the same guarantees:
 
 * **Local disk**: a file is visible as soon as it is opened, so metadata is
   written to a temporary name, fsynced, renamed over the target and the folder
-  fsynced; payload files are fsynced when closed, and folders before commit.
+  fsynced (:mod:`ckptman.localdisk`); payload files are fsynced when closed,
+  and folders before commit.
 * **Object stores and memory**: an object becomes visible only when its upload
   completes, and there is no atomic rename (fsspec's ``mv`` is copy + delete),
   so every write is a single PUT (or a multipart upload completed on close).
+
+Conditional replaces and deletes of small files (the lease's compare-and-swap)
+differ per backend too; they are :mod:`ckptman.conditional`, used only here.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import errno
-import functools
 import io
-import json
-import logging
 import os
 import posixpath
-import threading
-import time
-import uuid
-from dataclasses import dataclass
 from typing import IO, Any, Callable, Mapping, TypeVar
-from urllib.parse import quote
-
-import xxhash
 
 import fsspec
-import fsspec.asyn
 from fsspec.implementations.local import LocalFileSystem
 
+from ckptman.conditional import CompareAndSwap, Versioned, precondition_failed, versions_for
 from ckptman.errors import (
     BucketNotFoundError,
     NotADirectoryStorageError,
     StorageError,
     UnsupportedProtocolError,
 )
+from ckptman.localdisk import TMP_PREFIX, fsync_dir, publish_local
 from ckptman.retry import RetryPolicy
 
 T = TypeVar("T")
-logger = logging.getLogger("ckptman")
 
-_TMP_PREFIX = ".ckptman-tmp-"
-# Locked instead of the folder where a folder cannot be (NFS); see _LocalVersions. Never deleted.
-_GUARD_NAME = ".ckptman-guard"
-_NO_FOLDER_LOCKS = frozenset({errno.EBADF, errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL})
 _EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}
 
 
@@ -90,7 +79,7 @@ class Storage:
         protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
         # Only the protocol and path: never storage_options, which may hold credentials.
         self.url = self.root if self.is_local else f"{protocol}://{self.root.lstrip('/')}"
-        self._versions = _versions_for(self.fs, protocol, self.is_local)
+        self._versions = versions_for(self.fs, protocol, self.is_local)
         self._keeps_folder_entries: bool | None = None  # learnt from the first tree removed (see remove)
         self._check_location()
 
@@ -238,7 +227,7 @@ class Storage:
         if not self.is_local:
             self._guard("write", rel, lambda: self.fs.pipe_file(path, data))
             return
-        self._guard("write", rel, lambda: _publish_local(path, data, exclusive=False))
+        self._guard("write", rel, lambda: publish_local(path, data, exclusive=False))
 
     def create_exclusive(self, rel: str, data: bytes) -> bool:
         """Create a small file only if nothing is there; False if it exists. The primitive behind the lease.
@@ -251,7 +240,7 @@ class Storage:
         path = self.path(rel)
 
         def local() -> bool:
-            return _publish_local(path, data, exclusive=True)
+            return publish_local(path, data, exclusive=True)
 
         def remote() -> bool:
             try:
@@ -294,8 +283,8 @@ class Storage:
             return
         top = self.path(rel)
         for folder, _dirs, _files in os.walk(top):
-            _fsync_dir(folder)
-        _fsync_dir(os.path.dirname(top))
+            fsync_dir(folder)
+        fsync_dir(os.path.dirname(top))
 
     def ensure_directory(self) -> None:
         if self.is_local:
@@ -352,7 +341,7 @@ class Storage:
             return []
         folders = [self.root] + [entry.path for entry in os.scandir(self.root) if entry.is_dir(follow_symlinks=False)]
         leftovers = [
-            os.path.join(folder, name) for folder in folders for name in os.listdir(folder) if name.startswith(_TMP_PREFIX)
+            os.path.join(folder, name) for folder in folders for name in os.listdir(folder) if name.startswith(TMP_PREFIX)
         ]
         for path in leftovers:
             with contextlib.suppress(FileNotFoundError):
@@ -372,270 +361,6 @@ class Storage:
             raise
         except Exception as exc:  # noqa: BLE001 - any backend's error, turned into one typed error
             raise StorageError(f"could not {action} {where}: {type(exc).__name__}: {exc}") from exc
-
-
-CompareAndSwap = str
-"""``"server"``: the store checks the condition (S3 ``If-Match``, GCS ``ifGenerationMatch``);
-``"local"``: a file lock on this filesystem serialises the compare and the replace;
-``"process"``: one process owns the filesystem (``memory://``), a lock in it suffices;
-``"none"``: no conditional replace is known for the backend: a plain read-then-write."""
-
-
-@dataclass(frozen=True)
-class Versioned:
-    """A small file's bytes and a token naming exactly that version (ETag, generation, content hash)."""
-
-    data: bytes
-    version: str
-
-
-def precondition_failed(exc: BaseException) -> bool:
-    """Whether a store refused a conditional write because its condition did not hold (HTTP 412).
-
-    s3fs turns a 412 into ``FileExistsError`` only when the XML names the
-    ``If-None-Match`` condition; SeaweedFS, versitygw and others omit that
-    element, which s3fs reports as ``OSError(EINVAL, "At least one of the
-    pre-conditions you specified did not hold")``. gcsfs raises
-    ``FileExistsError`` for every 412.
-    """
-    for error in (exc, exc.__cause__):
-        if isinstance(error, FileExistsError):
-            return True
-        response = getattr(error, "response", None)
-        if isinstance(response, dict):
-            if response.get("Error", {}).get("Code") == "PreconditionFailed":
-                return True
-            if response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 412:
-                return True
-        if getattr(error, "code", None) == 412:
-            return True
-    return isinstance(exc, OSError) and "pre-conditions you specified did not hold" in str(exc)
-
-
-def _content_version(data: bytes) -> str:
-    return xxhash.xxh3_128_hexdigest(data)
-
-
-class _PlainVersions:
-    """No conditional replace: read, then write unconditionally (what every backend supports)."""
-
-    kind: CompareAndSwap = "none"
-    _READ_LIMIT = 1 << 20
-
-    def read(self, fs: Any, path: str) -> Versioned:
-        data = fs.cat_file(path, start=0, end=self._READ_LIMIT)
-        return Versioned(data, _content_version(data))
-
-    def replace(self, fs: Any, path: str, data: bytes, expected: Versioned) -> bool:
-        fs.pipe_file(path, data)
-        fs.invalidate_cache(path)
-        return True
-
-    def remove(self, fs: Any, path: str, expected: Versioned) -> bool:
-        with contextlib.suppress(FileNotFoundError):
-            fs.rm_file(path)
-        fs.invalidate_cache(path)
-        return True
-
-
-class _ProcessVersions(_PlainVersions):
-    """``memory://`` lives in one process: a lock there makes compare-and-replace atomic."""
-
-    kind: CompareAndSwap = "process"
-    _lock = threading.Lock()
-
-    def _still(self, fs: Any, path: str, expected: Versioned) -> bool:
-        try:
-            return _content_version(fs.cat_file(path)) == expected.version
-        except FileNotFoundError:
-            return False
-
-    def replace(self, fs: Any, path: str, data: bytes, expected: Versioned) -> bool:
-        with self._lock:
-            return self._still(fs, path, expected) and super().replace(fs, path, data, expected)
-
-    def remove(self, fs: Any, path: str, expected: Versioned) -> bool:
-        with self._lock:
-            return not fs.exists(path) or (self._still(fs, path, expected) and super().remove(fs, path, expected))
-
-
-class _LocalVersions:
-    """Local disk: compare and replace under an exclusive ``flock`` of the folder holding the file.
-
-    POSIX has no compare-and-rename, so the lock serialises every conditional
-    replace (and delete) between processes; the replace itself is still a
-    temporary file renamed over the target, so readers never need the lock.
-    Where folders cannot be locked (NFS) a guard file beside it is locked instead.
-    A process killed while holding it releases it (the kernel drops the lock);
-    one stopped (SIGSTOP) inside the few-microsecond window holds it, so the
-    wait is bounded.
-    """
-
-    kind: CompareAndSwap = "local"
-    _WAIT = 30.0
-
-    def read(self, fs: Any, path: str) -> Versioned:
-        with open(path, "rb") as f:
-            data = f.read()
-        return Versioned(data, _content_version(data))
-
-    @contextlib.contextmanager
-    def _guard(self, path: str) -> Any:
-        folder = os.path.dirname(path)
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            try:
-                self._lock(fd, folder)
-            except OSError as exc:
-                if isinstance(exc, BlockingIOError) or exc.errno not in _NO_FOLDER_LOCKS:
-                    raise
-                # NFS emulates flock with byte-range locks, which need a file open for writing.
-                os.close(fd)
-                fd = os.open(os.path.join(folder, _GUARD_NAME), os.O_RDWR | os.O_CREAT, 0o644)
-                self._lock(fd, folder)
-            yield
-        finally:
-            os.close(fd)  # closing the descriptor releases the lock
-
-    def _lock(self, fd: int, folder: str) -> None:
-        import fcntl
-
-        deadline = time.monotonic() + self._WAIT
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise StorageError(
-                        f"the lock on {folder} stayed taken for {self._WAIT:g}s: a process holding it is stopped; "
-                        "resume or kill it, then retry"
-                    ) from None
-                time.sleep(0.005)
-
-    def _still(self, path: str, expected: Versioned) -> bool:
-        try:
-            return self.read(None, path).version == expected.version
-        except FileNotFoundError:
-            return False
-
-    def replace(self, fs: Any, path: str, data: bytes, expected: Versioned) -> bool:
-        with self._guard(path):
-            return self._still(path, expected) and _publish_local(path, data, exclusive=False)
-
-    def remove(self, fs: Any, path: str, expected: Versioned) -> bool:
-        with self._guard(path):
-            if not os.path.exists(path):
-                return True
-            if not self._still(path, expected):
-                return False
-            os.unlink(path)
-            _fsync_dir(os.path.dirname(path))
-            return True
-
-
-class _S3Versions(_PlainVersions):
-    """S3 and S3-compatible stores: ``If-Match: <ETag>`` on PutObject and DeleteObject."""
-
-    kind: CompareAndSwap = "server"
-
-    def read(self, fs: Any, path: str) -> Versioned:
-        bucket, key, _ = fs.split_path(path)
-
-        async def get() -> Versioned:
-            # One GET answers both: the bytes and the ETag of exactly those bytes.
-            response = await fs._call_s3("get_object", Bucket=bucket, Key=key, Range=f"bytes=0-{self._READ_LIMIT - 1}")
-            try:
-                return Versioned(await response["Body"].read(), response["ETag"])
-            finally:
-                response["Body"].close()
-
-        return fsspec.asyn.sync(fs.loop, get)
-
-    def replace(self, fs: Any, path: str, data: bytes, expected: Versioned) -> bool:
-        # AWS and moto answer 404 to If-Match on a missing key, SeaweedFS 412: both mean "not the version read".
-        return _conditional(fs, path, lambda: fs.pipe_file(path, data, IfMatch=expected.version), if_gone=False)
-
-    def remove(self, fs: Any, path: str, expected: Versioned) -> bool:
-        bucket, key, _ = fs.split_path(path)
-        delete = functools.partial(
-            fsspec.asyn.sync, fs.loop, fs._call_s3, "delete_object", Bucket=bucket, Key=key, IfMatch=expected.version
-        )
-        return _conditional(fs, path, delete, if_gone=True)
-
-
-class _GCSVersions(_PlainVersions):
-    """Google Cloud Storage: ``ifGenerationMatch=<generation>`` on uploads and deletes."""
-
-    kind: CompareAndSwap = "server"
-
-    def read(self, fs: Any, path: str) -> Versioned:
-        headers, data = fsspec.asyn.sync(
-            fs.loop, fs._call, "GET", fs.url(path), headers={"Range": f"bytes=0-{self._READ_LIMIT - 1}"}
-        )
-        return Versioned(data, str(headers["X-Goog-Generation"]))
-
-    def replace(self, fs: Any, path: str, data: bytes, expected: Versioned) -> bool:
-        bucket, key, _ = fs.split_path(path)
-        # gcsfs's uploads know only "create" (generation 0), so the multipart upload it sends is spelled out here.
-        body = (
-            b'--==0==\nContent-Type: application/json; charset=UTF-8\n\n'
-            + json.dumps({"name": key}).encode()
-            + b"\n--==0==\nContent-Type: application/octet-stream\n\n"
-            + data
-            + b"\n--==0==--"
-        )
-        upload = functools.partial(
-            fsspec.asyn.sync,
-            fs.loop,
-            fs._call,
-            "POST",
-            f"{fs._location}/upload/storage/v1/b/{quote(bucket)}/o",
-            uploadType="multipart",
-            ifGenerationMatch=expected.version,
-            headers={"Content-Type": 'multipart/related; boundary="==0=="'},
-            data=body,
-            json_out=True,
-        )
-        return _conditional(fs, path, upload, if_gone=False)
-
-    def remove(self, fs: Any, path: str, expected: Versioned) -> bool:
-        bucket, key, _ = fs.split_path(path)
-        delete = functools.partial(
-            fsspec.asyn.sync, fs.loop, fs._call, "DELETE", "b/{}/o/{}", bucket, key, ifGenerationMatch=expected.version
-        )
-        return _conditional(fs, path, delete, if_gone=True)
-
-
-def _conditional(fs: Any, path: str, request: Callable[[], object], *, if_gone: bool) -> bool:
-    """Send a conditional request: True if it took effect, False if its condition did not hold.
-
-    ``if_gone`` answers for an object that is not there (a delete is then done, a replace is not).
-    """
-    try:
-        request()
-    except FileNotFoundError:
-        return if_gone
-    except OSError as exc:
-        if precondition_failed(exc):
-            return False
-        raise
-    finally:
-        fs.invalidate_cache(path)
-    return True
-
-
-def _versions_for(fs: Any, protocol: str, is_local: bool) -> _PlainVersions | _LocalVersions:
-    """The compare-and-swap mechanics of one filesystem, chosen once by its protocol."""
-    if is_local:
-        return _LocalVersions()
-    if protocol in ("s3", "s3a") and hasattr(fs, "_call_s3"):
-        return _S3Versions()
-    if protocol in ("gs", "gcs") and hasattr(fs, "_call") and hasattr(fs, "_location"):
-        return _GCSVersions()
-    if protocol == "memory":
-        return _ProcessVersions()
-    return _PlainVersions()
 
 
 class _ProducerError(Exception):
@@ -690,45 +415,3 @@ def _abandon(f: Any) -> None:
         f.discard()
     with contextlib.suppress(AttributeError):  # io-based files (memory://) publish only on close
         f.closed = True
-
-
-def _write_temporary(folder: str, name: str, data: bytes) -> str:
-    tmp = os.path.join(folder, f"{_TMP_PREFIX}{uuid.uuid4().hex}-{name}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return tmp
-
-
-def _publish_local(path: str, data: bytes, *, exclusive: bool) -> bool:
-    """Temporary file and fsync, then rename over the target (or, exclusive, link it: fails if the name exists),
-    then fsync the folder. Readers see the old bytes or the new ones, never a partial file."""
-    folder = os.path.dirname(path)
-    os.makedirs(folder, exist_ok=True)
-    tmp = _write_temporary(folder, os.path.basename(path), data)
-    try:
-        if exclusive:
-            os.link(tmp, path)
-        else:
-            os.replace(tmp, path)
-    except FileExistsError:
-        return False
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-    _fsync_dir(folder)
-    return True
-
-
-def _fsync_dir(folder: str) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -192,6 +192,7 @@ class Hook:
 
     def install(self) -> None:
         from ckptman import commit as commit_module
+        from ckptman import localdisk
         from ckptman import storage as storage_module
         from ckptman.lease import LEASE_NAME
         from ckptman.manifest import MANIFEST_NAME
@@ -245,7 +246,7 @@ class Hook:
         # -- storage primitives
         original_write_atomic, original_remove, original_write_file = Storage.write_atomic, Storage.remove, Storage.write_file
         original_replace_if = Storage.replace_if
-        original_write_temporary = storage_module._write_temporary
+        original_write_temporary = localdisk.write_temporary
 
         def write_atomic(self: Any, rel: str, data: bytes) -> None:
             target = atomic_targets.get(rel)
@@ -287,7 +288,7 @@ class Hook:
 
         Storage.write_atomic, Storage.remove, Storage.write_file = write_atomic, remove, write_file
         Storage.replace_if = replace_if
-        storage_module._write_temporary = write_temporary
+        localdisk.write_temporary = write_temporary
 
 
 def payload_size(rel: str) -> int:

@@ -346,13 +346,13 @@ def test_a_store_that_ignores_if_match_is_found_and_named_in_the_log(
     ],
 )
 def test_every_honest_412_means_the_condition_failed(error: BaseException) -> None:
-    from ckptman.storage import precondition_failed
+    from ckptman.conditional import precondition_failed
 
     assert precondition_failed(error)
 
 
 def test_other_errors_are_not_read_as_a_failed_condition() -> None:
-    from ckptman.storage import precondition_failed
+    from ckptman.conditional import precondition_failed
 
     assert not precondition_failed(OSError(22, "Invalid argument"))
     assert not precondition_failed(PermissionError("Access Denied"))

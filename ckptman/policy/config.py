@@ -96,7 +96,7 @@ def build_policy(
     if keep_every is not None:
         rules.append(KeepEvery(keep_every))
     rules.extend(KeepBest(metric, keep_best) for metric in metrics)
-    config = {
+    config: dict[str, object] = {
         "save_interval_steps": save_interval_steps,
         "save_begin": save_begin,
         "keep_last": keep_last,
