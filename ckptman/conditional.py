@@ -26,7 +26,7 @@ import xxhash
 from ckptman.errors import StorageError
 from ckptman.localdisk import fsync_dir, publish_local
 
-# Locked instead of the folder where a folder cannot be (NFS); see LocalVersions. Never deleted.
+# Locked instead of the folder where a folder cannot be (NFS); see _LocalVersions. Never deleted.
 GUARD_NAME = ".ckptman-guard"
 _NO_FOLDER_LOCKS = frozenset({errno.EBADF, errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL})
 
