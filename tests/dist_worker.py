@@ -9,7 +9,9 @@ check about "all ranks agree" is made by the parent comparing the ranks' files.
 
 Observations are written after every step (``Ctx.note``), so when a rank
 hangs or is killed, the parent still sees how far it got. Errors are recorded
-as ``[type name, message]``; a scenario's unexpected exception as ``fatal``.
+as ``[type name, message]``, with the fields of ckptman's structured errors
+(``failed_ranks``, ``kind``, ...) under ``fields``; a scenario's unexpected
+exception as ``fatal``.
 
 Nothing here is imported by ckptman: fault injection (a rank failing or
 SIGKILLing itself mid-save) patches ckptman's functions in this process only.
@@ -64,7 +66,8 @@ class Ctx:
         except (KeyboardInterrupt, SystemExit):
             raise
         except BaseException as exc:  # noqa: BLE001 - observed, asserted by the parent (DCP raises BaseExceptions)
-            self.note(key, {"error": [type(exc).__name__, str(exc)]})
+            fields = {name: jsonable(getattr(exc, name)) for name in ERROR_FIELDS if hasattr(exc, name)}
+            self.note(key, {"error": [type(exc).__name__, str(exc)], "fields": fields})
             return None
         self.note(key, {"ok": jsonable(result)})
         return result
@@ -98,6 +101,9 @@ class Ctx:
         from ckptman import CheckpointManager
 
         return CheckpointManager(self.url, storage_options=self.options, **kwargs)
+
+
+ERROR_FIELDS = ("step", "failed_ranks", "kind", "use")
 
 
 def jsonable(value: Any) -> Any:
@@ -549,6 +555,95 @@ def locked(ctx: Ctx) -> None:
     ctx.attempt("report", lambda: ro.report(2, {"loss": 0.0}))
     ctx.attempt("delete", lambda: ro.delete(2))
     ro.close()
+
+
+def process_groups() -> int:
+    """How many process groups this process has created (the default group included)."""
+    from torch.distributed import distributed_c10d
+
+    return len(distributed_c10d._world.pg_map)
+
+
+def go_on_together(ctx: Ctx) -> None:
+    """What training does next on every rank: a collective on the default group, then a group made by all ranks
+    (their group counters must still agree, which a group created on one rank alone would break)."""
+    import torch
+    import torch.distributed as dist
+
+    total = torch.tensor([float(ctx.rank + 1)])
+    dist.all_reduce(total)
+    ctx.note("all_reduce", total.item())
+    group = dist.new_group(backend="gloo", timeout=timedelta(seconds=20))
+    box = [f"from rank {ctx.rank}"]
+    dist.broadcast_object_list(box, src=0, group=group)
+    ctx.note("new_group_broadcast", box[0])
+
+
+@scenario
+def one_rank(ctx: Ctx) -> None:
+    """A hook that runs on rank 0 only: a THIS_PROCESS manager saves and restores there; rank 1 never calls ckptman.
+
+    Then the job goes on together, and a collective manager of every rank opens the same directory.
+    """
+    groups = process_groups()
+    if ctx.rank == 0:
+        from ckptman import THIS_PROCESS
+
+        record_storage_writes(ctx)
+        start = time.monotonic()
+        mgr = ctx.manager(process_group=THIS_PROCESS, keep_last=2, best="loss", mode="min")
+        ctx.note("opened", summary(mgr))
+        ctx.note("saved", {step: mgr.save(step, replicated(step), metrics={"loss": float(step % 3)}) for step in (1, 2, 3)})
+        with mgr.save_directory(4, force=True) as folder:
+            write_shards(folder, ctx.rank, 4)
+        ctx.note("after_saves", summary(mgr))
+        ctx.attempt("restore_3", lambda: mgr.restore(3))
+        ctx.attempt("restore_4", lambda: read_shard(mgr.restore_directory(4, local_dir=tempfile.mkdtemp()), ctx.rank))
+        ctx.attempt("verify", lambda: mgr.verify().ok)
+        ctx.attempt("sharded_save", lambda: mgr.save(5, replicated(5), sharded=True, force=True))
+        ctx.attempt("sharded_restore", lambda: mgr.restore(sharded=True, state=replicated(0)))
+        mgr.close()
+        ctx.note("seconds", time.monotonic() - start)
+    ctx.note("groups_created", process_groups() - groups)
+    ctx.note("ckptman_imported", "ckptman" in sys.modules)
+    go_on_together(ctx)
+    mgr = ctx.manager(keep_last=2, best="loss", mode="min", dist_timeout=20)  # the lease was released on close
+    ctx.note("collective", summary(mgr))
+    ctx.attempt("collective_restore", lambda: mgr.restore(3))
+    mgr.close()
+
+
+@scenario
+def one_rank_mistake(ctx: Ctx) -> None:
+    """The mistake: a collective manager (process_group=None) constructed on rank 0 only, then one used on rank 0 only.
+
+    Constructed twice: with dist_timeout=None (ckptman's join timeout, shortened to ``join_timeout`` here) and
+    with ``dist_timeout``. Rank 1 waits at a barrier meanwhile, as a framework's other ranks do while rank 0 saves.
+    """
+    import torch.distributed as dist
+
+    timeout = ctx.params["dist_timeout"]
+    if ctx.rank == 0:
+        from ckptman import THIS_PROCESS, distributed
+
+        distributed.JOIN_TIMEOUT = timedelta(seconds=ctx.params["join_timeout"])
+        groups = process_groups()
+        for key, dist_timeout in (("default", None), ("dist_timeout", timeout)):
+            start = time.monotonic()
+            ctx.attempt(f"constructed_on_rank_0_{key}", lambda t=dist_timeout: ctx.manager(dist_timeout=t))
+            ctx.note(f"seconds_to_error_{key}", time.monotonic() - start)
+        ctx.note("groups_created", process_groups() - groups)
+        with ctx.manager(process_group=THIS_PROCESS) as mgr:  # the fix the error names, in the same job
+            ctx.note("fixed", mgr.save(1, replicated(1), force=True))
+    dist.barrier()
+    go_on_together(ctx)
+    mgr = ctx.manager(dist_timeout=timeout)  # every rank constructs it...
+    if ctx.rank == 0:  # ...but only rank 0 calls it: from there an absent rank looks like a slow one
+        start = time.monotonic()
+        ctx.attempt("used_on_rank_0", lambda: mgr.save(2, replicated(2), force=True))
+        ctx.note("seconds_to_peer_error", time.monotonic() - start)
+    mgr.close()
+    dist.barrier()
 
 
 # --------------------------------------------------------------------------- #

@@ -40,7 +40,16 @@ import pytest
 import torch
 from conftest import Backend, make_backend
 
-from ckptman import CheckpointManager, CheckpointWarning, LeaseWarning, PolicyConfigError
+from ckptman import (
+    THIS_PROCESS,
+    CheckpointManager,
+    CheckpointWarning,
+    LeaseWarning,
+    MissingRanksError,
+    PolicyConfigError,
+    ShardedOnOneRankError,
+)
+from ckptman import distributed
 from ckptman.lease import LEASE_NAME
 from ckptman.manifest import MANIFEST_NAME, Manifest
 
@@ -198,6 +207,12 @@ def error(observed: dict[str, Any]) -> list[str]:
     return observed["error"]
 
 
+def failed_ranks(observed: dict[str, Any]) -> dict[int, str]:
+    """The ``failed_ranks`` of a SaveFailedError a rank observed."""
+    assert error(observed)[0] == "SaveFailedError", observed
+    return {int(rank): cause for rank, cause in observed["fields"]["failed_ranks"].items()}
+
+
 BACKENDS = ["local", "s3"]
 
 
@@ -291,15 +306,17 @@ def test_directory_saves_commit_every_ranks_shards(tmp_path: Path, store: Any, w
         assert rest["mine"] == {"rank": r, "step": 3, "w": [300.0 + r] * 3}
 
     # Two ranks writing the same file name: refused on every rank, nothing committed.
-    assert [error(res["clash_4"])[0] for res in job.all()] == ["CheckpointError"] * world
-    assert "same name" in error(job.rank(0)["clash_4"])[1]
+    assert [error(res["clash_4"])[0] for res in job.all()] == ["FileNameClashError"] * world
+    assert f"same name into step 4: same.bin (ranks {', '.join(map(str, range(world)))})" in error(job.rank(0)["clash_4"])[1]
     assert job.same("after_clash")["all_steps"] == [2, 3]
 
     # Rank 1 fails mid-upload (after one of its files is stored): the save fails on every rank.
     failed = [error(res["failing_5"]) for res in job.all()]
     assert failed[1][0] == "OSError"  # the failing rank raises its own error
     for r in (0, *range(2, world)):
-        assert failed[r][0] == "CheckpointError"
+        causes = failed_ranks(job.rank(r)["failing_5"])
+        assert list(causes) == [1] and causes[1].startswith("OSError: injected: no space left"), causes
+        assert job.rank(r)["failing_5"]["fields"]["step"] == 5
         assert "rank 1: OSError: injected" in failed[r][1], failed[r]
     assert job.same("after_failure")["all_steps"] == [2, 3]
     assert job.same("retry_5") == {"ok": True}
@@ -326,7 +343,7 @@ def test_rank_raising_inside_save_directory_block_fails_the_save_on_every_rank(t
     job = run_job(tmp_path, "raise_in_block", 2, local_backend.url, deadline=40)
     assert not job.timed_out, job.describe()
     assert error(job.rank(1)["save_2"])[0] == "ValueError"
-    assert error(job.rank(0)["save_2"])[0] == "CheckpointError"
+    assert failed_ranks(job.rank(0)["save_2"]) == {1: "ValueError: injected: rank 1 failed inside the block"}
     assert job.same("after_failure")["all_steps"] == [1]
     assert job.same("save_3") == {"ok": None}
     assert job.same("after_next")["all_steps"] == [1, 3]
@@ -419,6 +436,115 @@ def assert_peer_lost(job: Job, survivor: int, victim: int, how: str) -> None:
 
 
 # --------------------------------------------------------------------------- #
+# One rank only: process_group=THIS_PROCESS, and the mistake of a collective manager on one rank
+# --------------------------------------------------------------------------- #
+
+
+def test_one_rank_manager_saves_and_restores_on_rank_0_while_rank_1_never_calls_ckptman(
+    tmp_path: Path, store: Any
+) -> None:
+    job = run_job(tmp_path, "one_rank", 2, store.url, store.storage_options, deadline=60)
+    job.assert_clean()
+    rank0 = job.rank(0)
+    assert rank0["saved"] == {"1": True, "2": True, "3": True}
+    assert rank0["after_saves"]["all_steps"] == [3, 4] and rank0["after_saves"]["best_step"] == 3
+    assert rank0["restore_3"]["ok"] == {"w": [3.0] * 4, "step": 3}
+    assert rank0["restore_4"]["ok"] == {"rank": 0, "step": 4, "w": [400.0] * 3}
+    assert rank0["verify"] == {"ok": True}
+    for key in ("sharded_save", "sharded_restore"):
+        kind, message = error(rank0[key])
+        assert kind == "ShardedOnOneRankError" and "process_group=ckptman.THIS_PROCESS" in message
+    assert rank0["seconds"] < 30
+    assert ["create_exclusive", LEASE_NAME] in rank0["writes"]  # the lease is this process's
+
+    # No process group was created on either rank, and rank 1 never even imported ckptman;
+    # afterwards the job goes on together: the default group, a group made by all ranks, a collective manager.
+    assert job.same("groups_created") == 0
+    assert job.rank(1)["ckptman_imported"] is False
+    assert job.same("all_reduce") == 3.0
+    assert job.same("new_group_broadcast") == "from rank 0"
+    assert job.same("collective")["all_steps"] == [3, 4]
+    assert job.same("collective_restore")["ok"] == {"w": [3.0] * 4, "step": 3}
+    with fresh_reader(store) as reader:
+        assert reader.all_steps() == [3, 4] and reader.verify().ok
+
+
+def test_collective_manager_on_one_rank_fails_in_bounded_time_naming_the_one_rank_option(
+    tmp_path: Path, local_backend: Any
+) -> None:
+    params = {"join_timeout": 2.0, "dist_timeout": 3.0}
+    job = run_job(tmp_path, "one_rank_mistake", 2, local_backend.url, params=params, deadline=60)
+    job.assert_clean()
+    rank0 = job.rank(0)
+    # Constructed on rank 0 only: MissingRanksError after ckptman's join timeout (dist_timeout, else JOIN_TIMEOUT).
+    for key, waited in (("default", 2.0), ("dist_timeout", 3.0)):
+        kind, message = error(rank0[f"constructed_on_rank_0_{key}"])
+        assert kind == "MissingRanksError", message
+        assert f"only 1 of the 2 ranks of the job constructed this CheckpointManager within {waited:g}s" in message
+        assert "process_group=ckptman.THIS_PROCESS" in message and "No process group was created" in message
+        assert waited <= rank0[f"seconds_to_error_{key}"] < waited + 5
+    assert rank0["groups_created"] == 0
+    assert rank0["fixed"] is True  # the job went on: a THIS_PROCESS manager saved in it
+    assert job.same("new_group_broadcast") == "from rank 0"  # the ranks' group counters still agree
+
+    # Constructed on every rank but called on rank 0 only: indistinguishable from a slow rank until dist_timeout.
+    kind, message = error(rank0["used_on_rank_0"])
+    assert kind == "PeerRankError" and "process_group=ckptman.THIS_PROCESS" in message, message
+    assert 3.0 <= rank0["seconds_to_peer_error"] < 3.0 + 5
+    with fresh_reader(local_backend) as reader:
+        assert reader.all_steps() == [1]
+
+
+def test_this_process_outside_a_distributed_job_is_a_single_process_without_sharded_saves(tmp_path: Path) -> None:
+    assert repr(THIS_PROCESS) == str(THIS_PROCESS) == "ckptman.THIS_PROCESS"
+    with CheckpointManager(tmp_path / "run", process_group=THIS_PROCESS) as mgr:
+        assert mgr.save(1, dist_worker.replicated(1))
+        assert mgr.restore(1)["step"] == 1
+        with pytest.raises(ShardedOnOneRankError, match=r"save\(sharded=True\) needs every rank"):
+            mgr.save(2, dist_worker.replicated(2), sharded=True)  # refused before deciding: not only when due
+        with pytest.raises(ShardedOnOneRankError, match=r"restore\(sharded=True\) needs every rank"):
+            mgr.restore(1, sharded=True, state={})
+        assert mgr.all_steps() == [1]
+
+
+class _PeerArrivesAsTheWaitTimesOut:
+    """A store where rank 1 completes the count just after rank 0's wait gave up."""
+
+    def __init__(self) -> None:
+        self.store = torch.distributed.HashStore()
+
+    def add(self, key: str, amount: int) -> int:
+        return self.store.add(key, amount)
+
+    def set(self, key: str, value: str) -> None:
+        self.store.set(key, value)
+
+    def wait(self, keys: list[str], timeout: timedelta) -> None:
+        self.store.add(keys[0].rsplit("/", 1)[0], 1)
+        self.store.set(keys[0], "1")
+        raise RuntimeError("wait timeout")
+
+
+def test_join_either_all_ranks_pass_or_the_attempt_is_withdrawn(monkeypatch: pytest.MonkeyPatch) -> None:
+    from torch.distributed import distributed_c10d
+
+    monkeypatch.setattr(distributed, "_joined", {})
+    store = torch.distributed.HashStore()
+    monkeypatch.setattr(distributed_c10d, "_get_default_store", lambda: store)
+    with pytest.raises(MissingRanksError, match="rank 0: only 1 of the 3 ranks"):
+        distributed.join((0, 1, 2), 0, timedelta(milliseconds=50))
+    assert store.add("ckptman/join/0,1,2/0", 0) == 0 and distributed._joined == {}  # withdrawn: a retry starts afresh
+    store.add("ckptman/join/0,1,2/0", 2)  # ranks 1 and 2 wait for the retry
+    distributed.join((0, 1, 2), 0, timedelta(milliseconds=50))
+    assert distributed._joined == {(0, 1, 2): 1}
+
+    racing = _PeerArrivesAsTheWaitTimesOut()
+    monkeypatch.setattr(distributed_c10d, "_get_default_store", lambda: racing)
+    distributed.join((0, 1), 0, timedelta(milliseconds=50))  # rank 1 passed: rank 0 must not fail alone
+    assert racing.add("ckptman/join/0,1/0", 0) == 2 and distributed._joined[(0, 1)] == 1
+
+
+# --------------------------------------------------------------------------- #
 # Sharded state through torch.distributed.checkpoint (DTensor)
 # --------------------------------------------------------------------------- #
 
@@ -458,9 +584,9 @@ def test_sharded_dcp_round_trip_and_restart_with_another_world_size(sharded_jobs
     for r in range(2):
         assert job.rank(r)["restore_latest"]["ok"] == expected_local(3.0, r, 2)
         assert job.rank(r)["restore_10"]["ok"] == expected_local(1.0, r, 2)
-    assert error(job.same("restore_plain"))[0] == "CheckpointError"
-    assert "restore(sharded=True" in error(job.same("restore_plain"))[1]
-    assert error(job.same("restore_no_target"))[0] == "TypeError"
+    assert error(job.same("restore_plain"))[0] == "WrongCheckpointKindError"
+    assert job.same("restore_plain")["fields"] == {"kind": "sharded", "use": "restore(sharded=True, state=...)"}
+    assert error(job.same("restore_no_target"))[0] == "StateRequiredError"
 
     # One rank fails inside DCP's write: the save fails on every rank, nothing is committed
     # (what is raised and what is left behind: test_sharded_save_failing_on_one_rank_leaves_nothing).
@@ -492,10 +618,11 @@ def test_sharded_save_failing_on_one_rank_leaves_nothing(sharded_jobs: tuple[Bac
     _, job, _ = sharded_jobs
     assert job.same("after_failure")["all_steps"] == [10, 20, 30]
     assert job.rank(0)["debris_40"] == []  # the folder of the failed save is removed, as for every other kind
-    # DCP turns one rank's failure into a CheckpointException on every rank; ckptman raises it as a CheckpointError.
-    failed = [error(res["failing_40"]) for res in job.all()]
-    assert [kind for kind, _ in failed] == ["CheckpointError", "CheckpointError"]
-    assert all("OSError: injected: DCP write failed" in message for _, message in failed)
+    # DCP turns one rank's failure into a CheckpointException on every rank; every rank raises rank 0's
+    # SaveFailedError, which names both.
+    for res in job.all():
+        causes = failed_ranks(res["failing_40"])
+        assert sorted(causes) == [0, 1] and all("OSError: injected: DCP write failed" in c for c in causes.values()), causes
 
 
 # --------------------------------------------------------------------------- #
@@ -524,7 +651,7 @@ def test_async_saves_across_ranks(async_job: tuple[Backend, Job]) -> None:
     # Rank 1's background upload fails: the save fails on every rank, raised once, nothing visible.
     failed = [error(res["wait_failed_9"]) for res in job.all()]
     assert failed[1][0] == "OSError"
-    assert failed[0][0] == "CheckpointError" and "rank 1: OSError" in failed[0][1]
+    assert list(failed_ranks(job.rank(0)["wait_failed_9"])) == [1] and "rank 1: OSError" in failed[0][1]
     assert job.same("wait_again") == {"ok": None}
     assert 9 not in job.same("after_failure")["all_steps"]
     assert job.same("after_recovery")["all_steps"] == [5, 6, 8, 10]
@@ -548,7 +675,7 @@ def test_async_sharded_save(async_job: tuple[Backend, Job]) -> None:
 def test_async_failure_is_raised_by_the_same_call_on_every_rank(tmp_path: Path, local_backend: Any) -> None:
     job = run_job(tmp_path, "async_failure_next_call", 2, local_backend.url, deadline=45)
     assert not job.timed_out, job.describe()
-    assert error(job.rank(0)["save_3"])[0] == "CheckpointError"
+    assert list(failed_ranks(job.rank(0)["save_3"])) == [1]
     assert error(job.rank(1)["save_3"])[0] == "OSError"  # not a gloo error once rank 0 has left
 
 
