@@ -45,8 +45,8 @@ COORDINATOR = 0
 # long enough for ranks that construct it after the same setup, short against torch's 30 minutes.
 JOIN_TIMEOUT = datetime.timedelta(seconds=60)
 ONE_RANK_HINT = (
-    "pass process_group=ckptman.THIS_PROCESS where only this process calls the manager "
-    "(e.g. a framework hook that runs on rank 0 only)"
+    "where only this process calls the manager (e.g. a framework hook that runs on rank 0 only), "
+    "pass process_group=ckptman.THIS_PROCESS"
 )
 # What the collectives of this thread are part of, for the message of a PeerRankError.
 _OPERATION: contextvars.ContextVar[str] = contextvars.ContextVar("ckptman_operation", default="a ckptman call")
@@ -248,8 +248,8 @@ class TorchDistributed:
             waited = f"dist_timeout={self.timeout.total_seconds():g}s"
         return PeerRankError(
             f"rank {self.rank} of {self.world_size} lost {peer} during {_OPERATION.get()}: ckptman's {collective} failed "
-            f"(gloo: {cause}). A rank died, or did not reach the same ckptman call within {waited} ({ONE_RANK_HINT}; "
-            "raise dist_timeout if ranks are that far apart only because one is slow, e.g. uploading). The job cannot "
+            f"(gloo: {cause}). A rank died, or did not reach the same ckptman call within {waited}; {ONE_RANK_HINT}; "
+            "if ranks are that far apart only because one is slow (e.g. uploading), raise dist_timeout. The job cannot "
             "continue: restart all its ranks. Checkpoints already committed stay restorable; the next writable "
             "manager removes what an interrupted save left."
         )
