@@ -1,9 +1,11 @@
 """ckptman: a framework-neutral checkpoint manager for PyTorch training on fsspec."""
 
+from ckptman.distributed import THIS_PROCESS
 from ckptman.errors import (
     BucketNotFoundError,
     CheckpointError,
     CheckpointNotFoundError,
+    CheckpointWarning,
     CorruptCheckpointError,
     DirectoryLockedError,
     EmptyCheckpointError,
@@ -30,8 +32,6 @@ from ckptman.errors import (
     WrongCheckpointKindError,
 )
 from ckptman.lease import LeaseWarning
-from ckptman.errors import CheckpointWarning
-from ckptman.distributed import THIS_PROCESS
 from ckptman.manager import CheckpointManager
 from ckptman.retry import RetryPolicy
 

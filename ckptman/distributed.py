@@ -279,8 +279,8 @@ def _transportable(error: Exception) -> BaseException | tuple[str, str]:
     """ckptman's own errors cross ranks as themselves (with fields such as ``failed_ranks``); others by name."""
     if isinstance(error, CheckpointError):
         try:
-            pickle.dumps(error)
-        except Exception:  # noqa: BLE001 - an unpicklable field: send the name and message instead
+            pickle.loads(pickle.dumps(error))  # the other ranks must be able to rebuild it, not only this one send it
+        except Exception:  # noqa: BLE001 - a field that does not round-trip: send the name and message instead
             return portable(error)
         return error
     return portable(error)

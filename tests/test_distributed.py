@@ -48,8 +48,8 @@ from ckptman import (
     MissingRanksError,
     PolicyConfigError,
     ShardedOnOneRankError,
+    distributed,
 )
-from ckptman import distributed
 from ckptman.lease import LEASE_NAME
 from ckptman.manifest import MANIFEST_NAME, Manifest
 
