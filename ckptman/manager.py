@@ -16,7 +16,6 @@ import dataclasses
 import datetime
 import os
 import shutil
-import time
 import weakref
 from typing import Any, Callable, Iterator, Mapping, Sequence, TypeVar
 
@@ -25,14 +24,20 @@ from ckptman import staging as staging_dirs
 from ckptman.background import BackgroundWriter, Snapshotter
 from ckptman.bookkeeping import Bookkeeper
 from ckptman.catalog import Catalog
-from ckptman.errors import InvalidMetricError, ManagerClosedError, ReadOnlyError, StateRequiredError
+from ckptman.deciding import Decider
+from ckptman.errors import (
+    InvalidMetricError,
+    ManagerClosedError,
+    ReadOnlyError,
+    StateRequiredError,
+)
 from ckptman.kinds import Directory, Place, Sharded, StateFile
 from ckptman.lease import Lease
 from ckptman.manifest import Manifest
-from ckptman.naming import NameFormat, check_epoch, check_step
+from ckptman.naming import NameFormat, check_step
 from ckptman.policy import build_policy
 from ckptman.policy.best import coerce_metrics
-from ckptman.policy.save import Progress, require_int
+from ckptman.policy.save import require_int
 from ckptman.record import CheckpointRecord
 from ckptman.retry import RetryPolicy
 from ckptman.state import SidecarState
@@ -108,6 +113,7 @@ class CheckpointManager:
         self._catalog = Catalog(self._storage.url)
         self._books = Bookkeeper(self._storage, self._policy, self._names, self._catalog, self._read_only)
         self._background = BackgroundWriter(bool(async_save))
+        self._decider = Decider(self._policy, self._names, self._catalog, self._books, self._background)
         self._snapshots = Snapshotter()
         # Decisions on the caller's thread and background saves each get their own group,
         # so their collectives never interleave.
@@ -146,9 +152,7 @@ class CheckpointManager:
         trigger this call on another rank reads that rank's clock, so branch
         on what ``save()`` returns, not on this.
         """
-        step = step if type(step) is int else check_step(step)
-        epoch = epoch if epoch is None or type(epoch) is int and epoch >= 0 else check_epoch(epoch)
-        return self._policy.save.due(self._progress(step, epoch))
+        return self._decider.should_save(step, epoch)
 
     def all_steps(self) -> list[int]:
         return self._catalog.steps()
@@ -416,31 +420,5 @@ class CheckpointManager:
     def _decide(
         self, step: object, metrics: Mapping[str, object] | None, force: bool, epoch: object
     ) -> CheckpointRecord | None:
-        """Validate a save and decide it on rank 0: the checkpoint to write, as every rank sees it, or None."""
         self._check_writable()
-        checked = check_step(step)
-        values = coerce_metrics(metrics)
-        checked_epoch = None if epoch is None else check_epoch(epoch)
-        self._catalog.check_new_step(checked, self._background.inflight)
-        candidate = CheckpointRecord(checked, self._names(checked), values, epoch=checked_epoch)
-        # Every rank joins, with or without metrics of its own (evaluation may run on rank 0 only).
-        candidate, wanted = self._control.broadcast((candidate, force or self._wants(candidate)))
-        return candidate if wanted else None
-
-    def _wants(self, candidate: CheckpointRecord) -> bool:
-        """Decided against the committed checkpoints plus the one being written in the background."""
-        progress = self._progress(candidate.step, candidate.epoch)
-        if self._policy.save.due(progress):
-            return True
-        if not candidate.metrics or not self._policy.metrics:
-            return False  # the common per-step call: no history needed
-        inflight = self._background.inflight
-        history = self._catalog.records() + ([inflight] if inflight else [])
-        return self._policy.wants(history, candidate, progress)
-
-    def _progress(self, step: int, epoch: int | None) -> Progress:
-        """What the triggers see: the clock since the last commit (none while a save is in flight, which
-        counts as the newest save) and the highest epoch recorded, committed or in flight."""
-        inflight = self._background.inflight
-        since = time.monotonic() - self._books.last_commit_at if inflight is None else 0.0
-        return Progress(step, epoch, since, self._catalog.saved_epoch(inflight))
+        return self._decider.decide(self._control, step, metrics, force, epoch)
