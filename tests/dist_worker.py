@@ -233,6 +233,23 @@ def loss(ctx: Ctx, step: int) -> dict[str, float]:
 
 
 @scenario
+def triggers(ctx: Ctx) -> None:
+    """Epoch and wall-clock triggers: rank 0's clock and epoch decide on every rank."""
+    import time
+
+    mgr = ctx.manager(save_interval_seconds=0.6, save_interval_epochs=1)
+    saved = {}
+    if ctx.rank == 0:
+        time.sleep(0.8)  # only rank 0's clock has run past the interval; rank 1 is waiting in save()
+    saved[1] = mgr.save(1, replicated(1))
+    saved[2] = mgr.save(2, replicated(2), epoch=1 if ctx.rank == 0 else 7)  # rank 0 says epoch 1 is complete
+    saved[3] = mgr.save(3, replicated(3), epoch=1)  # epoch 1 is recorded, the clock restarted at the commit
+    ctx.note("saved", saved)
+    ctx.note("epochs", {step: mgr.record(step).epoch for step in mgr.all_steps()})
+    mgr.close()
+
+
+@scenario
 def plain(ctx: Ctx) -> None:
     """Replicated (DDP) saves: decisions, best and retention from rank 0; only rank 0 writes."""
     from ckptman import CheckpointManager

@@ -231,6 +231,13 @@ def module_store(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPa
 # --------------------------------------------------------------------------- #
 
 
+def test_epoch_and_clock_triggers_are_decided_by_rank_0(tmp_path: Path, store: Any) -> None:
+    job = run_job(tmp_path, "triggers", 2, store.url, store.storage_options)
+    job.assert_clean()
+    assert job.same("saved") == {"1": True, "2": True, "3": False}
+    assert job.same("epochs") == {"1": None, "2": 1}
+
+
 def test_plain_saves_decided_and_written_by_rank_0(tmp_path: Path, store: Any) -> None:
     job = run_job(tmp_path, "plain", 2, store.url, store.storage_options)
     job.assert_clean()
