@@ -127,6 +127,28 @@ class WrongCheckpointKindError(CheckpointError, TypeError):
         return type(self), (self.name, self.kind, self.use)
 
 
+class MissingKeysError(CheckpointError, LookupError):
+    """``publish(keys=...)`` names keys the checkpoint's top-level dict lacks (or its state is no dict at all).
+
+    ``missing`` are the asked-for keys not found, ``present`` the keys the state has.
+    """
+
+    def __init__(self, name: str, missing: tuple[str, ...], present: tuple[str, ...], found: str = "dict") -> None:
+        self.name, self.missing, self.present, self.found = name, tuple(missing), tuple(present), found
+        if found != "dict":
+            what = f"holds a {found}, not a dict, so it has none of the keys {list(missing)}; publish it whole with keys=None"
+        else:
+            what = f"has no top-level key(s) {list(missing)}; its keys are {list(present)}: pass keys= from those"
+        super().__init__(f"checkpoint {name} {what}")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return type(self), (self.name, self.missing, self.present, self.found)
+
+
+class PublishTargetError(CheckpointError, ValueError):
+    """``publish(to=...)`` points inside the checkpoint directory but outside its ``published/`` folder."""
+
+
 class StateRequiredError(CheckpointError, TypeError):
     """``restore(sharded=True)`` without ``state=``: a sharded checkpoint loads in place into a state dict."""
 

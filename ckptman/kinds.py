@@ -51,16 +51,19 @@ class Place:
         return f"{self.storage.url}/{name}"
 
 
-def require_kind(manifest: Manifest, kind: CheckpointKind) -> None:
-    """Refuse to load a checkpoint through the call meant for another kind, naming the right call."""
-    if manifest.kind == kind:
-        return
-    right_call = {
+def loading_call(manifest: Manifest) -> str:
+    """The manager call that loads this checkpoint's kind (for errors that send the caller there)."""
+    return {
         "state": "restore() without sharded=True",
         "sharded": "restore(sharded=True, state=...)",
         "directory": f"restore_directory({manifest.step})",
     }[manifest.kind]
-    raise WrongCheckpointKindError(manifest.name, manifest.kind, right_call)
+
+
+def require_kind(manifest: Manifest, kind: CheckpointKind) -> None:
+    """Refuse to load a checkpoint through the call meant for another kind, naming the right call."""
+    if manifest.kind != kind:
+        raise WrongCheckpointKindError(manifest.name, manifest.kind, loading_call(manifest))
 
 
 class StateFile:

@@ -5,7 +5,8 @@ the :class:`~ckptman.catalog.Catalog`, the same on every rank; rank 0's
 bookkeeping (open, repair, retention, ``latest``, sidecar) is
 :mod:`ckptman.bookkeeping`; the save sequence across ranks is
 :mod:`ckptman.saving`; how each checkpoint kind is written and read is
-:mod:`ckptman.kinds`; bytes go through :mod:`ckptman.storage`. Storage is the
+:mod:`ckptman.kinds`; publishing a checkpoint as a standalone file is
+:mod:`ckptman.publish`; bytes go through :mod:`ckptman.storage`. Storage is the
 truth, re-read on construction and by :meth:`CheckpointManager.refresh`.
 """
 
@@ -20,6 +21,7 @@ import weakref
 from typing import Any, Callable, Iterator, Mapping, Sequence, TypeVar
 
 from ckptman import commit, distributed, restore, saving, verify
+from ckptman import publish as publishing
 from ckptman import staging as staging_dirs
 from ckptman.background import BackgroundWriter, Snapshotter
 from ckptman.bookkeeping import Bookkeeper
@@ -315,6 +317,35 @@ class CheckpointManager:
         """
         return self._first_verified(step, lambda m: Directory.fetch(self._place, m, local_dir))
 
+    def publish(
+        self,
+        step: int | None = None,
+        *,
+        keys: str | Sequence[str] | None = None,
+        to: str | os.PathLike[str] | None = None,
+        weights_only: bool = True,
+    ) -> str:
+        """Write a verified state checkpoint, trimmed to its top-level ``keys``, as one standalone ``.pth``; returns its URL.
+
+        For handing weights on (a model zoo, inference): an ordinary
+        ``torch.save`` file, written atomically, outside retention. By default
+        it goes to ``<directory>/published/<name>-<sha256[:8]>.pth``, which
+        needs a writable manager; a read-only manager publishes with ``to=``
+        outside the directory (a file URL or path, or a folder ending in
+        ``/``). The checkpoint is loaded as :meth:`restore` loads it (the
+        latest that verifies when ``step`` is None) but is not pinned as
+        resumed from. In a distributed run rank 0 writes and every rank gets the URL.
+        """
+        self._check_open()
+        request = publishing.Request(publishing.check_keys(keys), publishing.resolve(to, self._storage, self._place.storage_options))
+        if request.target.inside_directory:
+            self._check_writable("publish() writes into the directory; pass to= a place outside it to publish from here")
+        self._background.wait()  # "the latest" includes a save still in flight
+        load = lambda m: publishing.load(self._place, m, weights_only)  # noqa: E731
+        return distributed.on_coordinator(
+            self._control, lambda: publishing.publish(request, lambda: self._first_verified(step, load, pin=False))
+        )
+
     def verify(self, step: int | None = None) -> VerifyReport:
         """Check sizes and checksums of one or all committed checkpoints, without loading tensors.
 
@@ -387,8 +418,11 @@ class CheckpointManager:
         self.close()
 
     # -- internals ------------------------------------------------------------
-    def _first_verified(self, step: int | None, load: Callable[[Manifest], T]) -> T:
-        """``load`` the asked-for checkpoint; for the latest, fall back past corrupted ones with a warning."""
+    def _first_verified(self, step: int | None, load: Callable[[Manifest], T], *, pin: bool = True) -> T:
+        """``load`` the asked-for checkpoint; for the latest, fall back past corrupted ones with a warning.
+
+        ``pin``: protect it from retention as the checkpoint this run resumed from (restores do; publishing does not).
+        """
         self._check_open()
         candidates = [self._catalog.manifest(step)] if step is not None else self._catalog.newest_first()
         if not candidates:
@@ -400,7 +434,8 @@ class CheckpointManager:
         manifest, result = restore.first_loadable(
             candidates, load, still_committed, fall_back=step is None, directory=self.directory
         )
-        self._catalog.pin_resumed(manifest.step)
+        if pin:
+            self._catalog.pin_resumed(manifest.step)
         return result
 
     def _check_open(self) -> None:
@@ -410,10 +445,12 @@ class CheckpointManager:
             # Across ranks a failure is raised where every rank waits for the save, so all raise at the same call.
             self._background.raise_if_failed()
 
-    def _check_writable(self) -> None:
+    def _check_writable(self, hint: str = "") -> None:
         self._check_open()
         if self._read_only:
-            raise ReadOnlyError(f"the manager for {self.directory} was opened with read_only=True; it cannot write")
+            raise ReadOnlyError(
+                f"the manager for {self.directory} was opened with read_only=True; it cannot write" + (f"; {hint}" if hint else "")
+            )
         if self._books.lease is not None:
             self._books.lease.raise_if_lost()
 

@@ -295,6 +295,19 @@ def plain(ctx: Ctx) -> None:
 
 
 @scenario
+def publish(ctx: Ctx) -> None:
+    """publish() on a collective manager: rank 0 writes once, every rank gets the URL or the same error."""
+    record_storage_writes(ctx)
+    mgr = ctx.manager()
+    mgr.save(1, replicated(1))
+    ctx.writes.clear()
+    ctx.attempt("url", lambda: mgr.publish(keys=["w"]))
+    ctx.attempt("missing", lambda: mgr.publish(keys=["w", "ema"]))
+    ctx.note("published_writes", list(ctx.writes))
+    mgr.close()
+
+
+@scenario
 def directory(ctx: Ctx) -> None:
     """save_directory with per-rank shard files; a clash of names; a rank failing mid-upload."""
     record_storage_writes(ctx)

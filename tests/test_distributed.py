@@ -238,6 +238,16 @@ def test_epoch_and_clock_triggers_are_decided_by_rank_0(tmp_path: Path, store: A
     assert job.same("epochs") == {"1": None, "2": 1}
 
 
+def test_publish_is_written_by_rank_0_and_every_rank_gets_its_url_or_error(tmp_path: Path, store: Any) -> None:
+    job = run_job(tmp_path, "publish", 2, store.url, store.storage_options)
+    job.assert_clean()
+    url = job.same("url")["ok"]
+    assert "/published/step_00000001-" in url and url.endswith(".pth")
+    assert error(job.same("missing"))[0] == "MissingKeysError"
+    writes = [rank["published_writes"] for rank in job.all()]
+    assert writes[0] == [["write_atomic", url[len(url.rsplit("/published/", 1)[0]) + 1 :]]] and writes[1] == []
+
+
 def test_plain_saves_decided_and_written_by_rank_0(tmp_path: Path, store: Any) -> None:
     job = run_job(tmp_path, "plain", 2, store.url, store.storage_options)
     job.assert_clean()
