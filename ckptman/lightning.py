@@ -292,7 +292,17 @@ class CkptmanCheckpoint(ModelCheckpoint):
             self._mgr.wait_until_finished()
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Release the directory's lease; the catalog stays readable for the path attributes."""
+        self._close()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        """After ``save_on_exception``'s commit, close: Lightning calls no callback ``teardown`` on this path."""
+        try:
+            super().on_exception(trainer, pl_module, exception)
+        finally:
+            self._close()
+
+    def _close(self) -> None:
+        """Release the directory's lease (after saves in flight); the catalog stays readable for the path attributes."""
         self._drop_token()
         if self._mgr is not None:
             self._mgr.close()

@@ -7,6 +7,7 @@ second best the one of epoch 3 (step 12).
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import signal
@@ -201,3 +202,39 @@ def test_bad_arguments_fail_at_construction(tmp_path: Path) -> None:
         CkptmanCheckpoint("")
     with pytest.raises(PolicyConfigError, match="save_top_k"):
         CkptmanCheckpoint(str(tmp_path), monitor="val_loss", save_top_k=-2)
+
+
+class CommitLog(CkptmanCheckpoint):
+    """Records the step of every commit (the directory keeps only what retention leaves)."""
+
+    commits: list[int]
+
+    def _save_topk_checkpoint(self, trainer: pl.Trainer, monitor_candidates: dict[str, Any]) -> None:
+        super()._save_topk_checkpoint(trainer, monitor_candidates)
+        self.commits = [*getattr(self, "commits", []), self.manager.latest_step()]
+
+
+def test_time_trigger_saves_by_wall_clock(local_backend: Backend) -> None:
+    callback, _, _ = fit(local_backend, 2, cls=CommitLog, train_time_interval=datetime.timedelta(microseconds=1))
+    assert isinstance(callback, CommitLog)
+    assert callback.commits == list(range(1, 2 * BATCHES_PER_EPOCH + 1))  # due after every step
+    mgr = reader(local_backend)
+    assert mgr.all_steps() == [8] and mgr.record(8).epoch == 2  # no monitor, save_top_k=1: the newest
+
+
+class FailsAtStep6(TinyModule):
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        if self.trainer.global_step == 6:
+            raise RuntimeError("boom at step 6")
+        return super().training_step(batch, batch_idx)
+
+
+def test_save_on_exception_commits_the_step_it_failed_at(local_backend: Backend) -> None:
+    callback = CkptmanCheckpoint(local_backend.url, save_on_exception=True, keep_last=3)
+    with pytest.raises(RuntimeError, match="boom"):
+        make_trainer([callback], 3).fit(FailsAtStep6(), ckpt_path="last")
+    mgr = reader(local_backend)
+    assert mgr.all_steps() == [4, 6] and mgr.verify().ok
+    # The failed run released the lease: the next one resumes from step 6 at once.
+    _, recorder, trainer = fit(local_backend, 3, keep_last=3)
+    assert recorder.start == (6, 1) and trainer.global_step == 12
