@@ -104,7 +104,7 @@ def test_epoch_trigger_top_k_then_resume_last_and_best(backend: Backend) -> None
     fs, root = backend.fs(fresh=True)
     assert not [p for p in fs.ls(root, detail=False) if p.endswith(".ckpt")]
 
-    # A new process view: the paths come from storage, and "last" resumes from step 20, epoch 5.
+    # A new callback, as after a restart: the paths come from storage, and "last" resumes from step 20, epoch 5.
     callback, recorder, trainer = fit(backend, 7, **TOP_K)
     assert recorder.start == (20, 5)
     assert recorder.kept_at_start[20] == ("latest", "last 1", "resumed from")
