@@ -1,0 +1,240 @@
+"""``CkptmanCallback``: Hugging Face Trainer checkpoints committed through ckptman.
+
+``Trainer(..., callbacks=[CkptmanCallback("s3://bucket/run", storage_options=...)])``.
+
+The Trainer keeps writing its ``checkpoint-N`` folder in ``args.output_dir``
+(model, optimizer, scheduler, RNG, ``trainer_state.json``); that folder is only
+staging. In ``on_save`` (after the folder is complete) the main process commits
+it with ``mgr.save_directory(global_step, metrics=..., epoch=..., force=True)``
+and removes it. The files are hard-linked into the manager's staging folder
+(copied only across file systems), so the bytes are written once locally and
+uploaded once. The Trainer decides *when* to save (``save_strategy``); ckptman
+decides what to keep: ``save_total_limit`` → ``keep_last``,
+``metric_for_best_model``/``greater_is_better`` → the tracked best, never deleted.
+
+Resume: ``trainer.train(resume_from_checkpoint=True)`` is resolved by the Trainer
+with ``get_last_checkpoint(args.output_dir)`` before any callback event of
+``train()``, and no callback sees the Trainer itself, so ``True`` cannot be
+redirected without patching. Instead ``cb.latest_checkpoint()`` returns a local
+folder with ckptman's latest *verified* checkpoint (None when nothing is
+committed, which ``train`` takes as "from scratch"):
+``trainer.train(resume_from_checkpoint=cb.latest_checkpoint())``.
+
+Best model at the end: the Trainer's own ``_load_best_model`` runs before
+``on_train_end`` but needs the local ``checkpoint-N`` folder, which is gone. So
+``on_save`` clears ``state.best_model_checkpoint`` (the Trainer then skips its
+load instead of warning "Could not locate the best model"), and ``on_train_end``
+restores ckptman's best checkpoint and loads its weights as the Trainer does
+(``model.safetensors`` or ``pytorch_model.bin``, ``strict=False``); afterwards
+``state.best_model_checkpoint`` is the best checkpoint's URL.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import safetensors.torch
+import torch
+import transformers
+
+from ckptman.distributed import THIS_PROCESS
+from ckptman.errors import CheckpointError, CheckpointWarning, PolicyConfigError
+from ckptman.manager import CheckpointManager
+
+__all__ = ["CkptmanCallback", "StagingFolderMissingError"]
+
+_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+_TRAINER_STATE = "trainer_state.json"
+
+
+class StagingFolderMissingError(CheckpointError, FileNotFoundError):
+    """``on_save`` found no ``checkpoint-N`` folder where the Trainer writes it."""
+
+
+class CkptmanCallback(transformers.TrainerCallback):
+    """Commits every ``checkpoint-N`` the Trainer writes to a ckptman directory (any fsspec URL).
+
+    ``keep_last`` overrides ``save_total_limit``; ``keep_every`` keeps every N-th
+    step in addition. The latest checkpoint, the best one and the one a run resumed
+    from are never deleted.
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        storage_options: Mapping[str, Any] | None = None,
+        keep_last: int | None = None,
+        keep_every: int | None = None,
+        lease_timeout: float = 60.0,
+    ) -> None:
+        if not isinstance(directory, (str, os.PathLike)) or not os.fspath(directory):
+            raise PolicyConfigError(f"directory must be a path or fsspec URL, got {directory!r}")
+        self._url = os.fspath(directory)
+        self._storage_options = dict(storage_options or {})
+        self._keep_last = keep_last
+        self._keep_every = keep_every
+        self._lease_timeout = lease_timeout
+        self._mgr: CheckpointManager | None = None
+        self._main = True
+        self._manager_args: dict[str, Any] = {}
+        self._downloads: list[str] = []
+
+    # -- the manager ---------------------------------------------------------------
+    @property
+    def manager(self) -> CheckpointManager:
+        """The manager of ``directory``: writable on the main process, read-only elsewhere (after ``on_init_end``)."""
+        if self._mgr is None:
+            if not self._manager_args:
+                raise PolicyConfigError("CkptmanCallback has no TrainingArguments yet: pass it to Trainer(callbacks=[...])")
+            self._mgr = CheckpointManager(self._url, read_only=not self._main, **self._manager_args)
+        return self._mgr
+
+    def on_init_end(self, args: transformers.TrainingArguments, state: transformers.TrainerState, control: Any, **kwargs: Any) -> None:
+        """TrainingArguments become the manager's policy; opened here so ``latest_checkpoint()`` works before ``train``."""
+        self._main = bool(state.is_world_process_zero)
+        self._manager_args = {"storage_options": self._storage_options, **_policy(args, self._keep_last, self._keep_every)}
+        self._manager_args.update(lease_timeout=self._lease_timeout, process_group=THIS_PROCESS)
+        self.manager  # noqa: B018  (fail at construction on a bad URL or a locked directory)
+
+    # -- saving ----------------------------------------------------------------------
+    def on_save(self, args: transformers.TrainingArguments, state: transformers.TrainerState, control: Any, **kwargs: Any) -> None:
+        """Commit the folder the Trainer just completed (main process), then remove it."""
+        state.best_model_checkpoint = None  # the local folder goes away: the best is loaded in on_train_end
+        if not state.is_world_process_zero:
+            return
+        folder = os.path.join(args.output_dir, f"{transformers.trainer_utils.PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        if not os.path.isdir(folder):
+            raise StagingFolderMissingError(f"on_save: the Trainer's checkpoint folder {folder} does not exist")
+        metrics = _eval_metrics(state)
+        with self.manager.save_directory(state.global_step, metrics=metrics or None, force=True, epoch=_completed_epochs(state)) as staging:
+            if staging is not None:  # always, with force=True
+                _link_tree(folder, staging)
+        shutil.rmtree(folder, ignore_errors=True)
+
+    # -- resuming --------------------------------------------------------------------
+    def latest_checkpoint(self) -> str | None:
+        """A local folder with the latest verified checkpoint, for ``train(resume_from_checkpoint=...)``; None if none.
+
+        Newer checkpoints that fail verification are deleted with a warning (a dead
+        branch: training from the older step would reach their steps again). On local
+        disk the folder is the checkpoint itself (read it only); remote ones are
+        downloaded to a temporary folder, removed at the end of training.
+        """
+        mgr = self.manager
+        mgr.refresh()
+        if mgr.latest_step() is None:
+            return None
+        folder = mgr.restore_directory()
+        if not folder.startswith(_local_root(mgr)):
+            self._downloads.append(folder)
+        resumed = transformers.TrainerState.load_from_json(os.path.join(folder, _TRAINER_STATE)).global_step
+        self._remove_dead_branch(resumed)
+        return folder
+
+    def _remove_dead_branch(self, resumed: int) -> None:
+        if not self._main:
+            return
+        mgr = self.manager
+        for step in [s for s in mgr.all_steps() if s > resumed]:
+            warnings.warn(
+                f"deleting {mgr.checkpoint_path(step)}: it failed verification and training resumes from step {resumed}",
+                CheckpointWarning,
+                stacklevel=3,
+            )
+            mgr.delete(step)
+
+    # -- the end -----------------------------------------------------------------------
+    def on_train_end(self, args: transformers.TrainingArguments, state: transformers.TrainerState, control: Any, **kwargs: Any) -> None:
+        """Load the best weights (``load_best_model_at_end``), drop downloads, release the lease."""
+        try:
+            mgr = self.manager
+            if not self._main:
+                mgr.refresh()
+            best = mgr.best_step() if args.metric_for_best_model else None
+            if args.load_best_model_at_end and best is not None and kwargs.get("model") is not None:
+                _load_weights(kwargs["model"], mgr, best)
+                state.best_model_checkpoint = mgr.checkpoint_path(best)
+        finally:
+            for folder in self._downloads:
+                shutil.rmtree(folder, ignore_errors=True)
+            self._downloads = []
+            if self._mgr is not None:
+                self._mgr.close()
+                self._mgr = None
+
+
+def _policy(args: transformers.TrainingArguments, keep_last: int | None, keep_every: int | None) -> dict[str, Any]:
+    """``save_total_limit`` → keep_last; ``metric_for_best_model`` (``eval_``-prefixed as HF does) → best + mode."""
+    metric = args.metric_for_best_model
+    policy: dict[str, Any] = {"keep_last": keep_last if keep_last is not None else args.save_total_limit, "keep_every": keep_every}
+    if metric:
+        name = metric if metric.startswith("eval_") else f"eval_{metric}"
+        greater = args.greater_is_better if args.greater_is_better is not None else not name.endswith("loss")
+        policy.update(best=name, mode="max" if greater else "min")
+    return policy
+
+
+def _eval_metrics(state: transformers.TrainerState) -> dict[str, float]:
+    """The numeric ``eval_*`` values logged at this very step (the Trainer evaluates before it saves).
+
+    An older evaluation is not attached: its score would make this checkpoint a false best.
+    """
+    for entry in reversed(state.log_history):
+        if entry.get("step") != state.global_step:
+            break
+        values = {k: float(v) for k, v in entry.items() if k.startswith("eval_") and isinstance(v, (int, float))}
+        if values:
+            return {k: v for k, v in values.items() if math.isfinite(v)}
+    return {}
+
+
+def _completed_epochs(state: transformers.TrainerState) -> int | None:
+    """Epochs completed at this save: ``state.epoch`` is fractional mid-epoch and whole at an epoch's end."""
+    return None if state.epoch is None else int(math.floor(state.epoch + 1e-9))
+
+
+def _link_tree(source: str, target: str) -> None:
+    """Hard-link every file of ``source`` into ``target`` (copy across file systems): no second local write."""
+    for root, _dirs, files in os.walk(source):
+        dest = os.path.join(target, os.path.relpath(root, source))
+        os.makedirs(dest, exist_ok=True)
+        for name in files:
+            src, dst = os.path.join(root, name), os.path.join(dest, name)
+            try:
+                os.link(src, dst)
+            except OSError:
+                shutil.copy2(src, dst)
+
+
+def _load_weights(model: torch.nn.Module, mgr: CheckpointManager, step: int) -> None:
+    """Load a committed checkpoint's model weights as ``Trainer._load_best_model`` does for a plain model."""
+    folder = mgr.restore_directory(step)
+    downloaded = not folder.startswith(_local_root(mgr))
+    try:
+        for name in _WEIGHT_FILES:
+            path = os.path.join(folder, name)
+            if os.path.isfile(path):
+                if name.endswith(".safetensors"):
+                    weights = safetensors.torch.load_file(path, device="cpu")
+                else:
+                    weights = torch.load(path, map_location="cpu", weights_only=True)
+                model.load_state_dict(weights, False)
+                return
+        raise CheckpointError(f"{mgr.checkpoint_path(step)} holds none of {', '.join(_WEIGHT_FILES)}: cannot load the best model")
+    finally:
+        if downloaded:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _local_root(mgr: CheckpointManager) -> str:
+    """The directory as a local path prefix, or a string no path starts with when it is remote."""
+    url = mgr.directory
+    if url.startswith("file://"):
+        url = url[len("file://") :]
+    return url if url.startswith("/") else "\0"

@@ -1,0 +1,179 @@
+"""CkptmanCallback with the real Hugging Face Trainer on local disk and moto S3: triggers, best, resume, SIGKILL.
+
+Each epoch is 2 optimizer steps; the evaluation's ``eval_score`` by step is
+``transformers_child.SCORE`` (3, 1, 2, 4, ... at steps 2, 4, 6, 8, ...; lower is
+better), so the best checkpoint is step 4.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+try:
+    import accelerate  # noqa: F401  (the Trainer needs it)
+    import transformers
+except ImportError:
+    reason = 'transformers or accelerate is not installed (pip install -e ".[transformers]")'
+    if os.environ.get("CI", "").strip().lower() not in ("", "0", "false"):
+        pytest.fail(f"{reason}: with CI set, the Hugging Face adapter must be tested", pytrace=False)
+    pytest.skip(reason, allow_module_level=True)
+
+import safetensors.torch
+import torch
+from conftest import Backend
+from transformers_child import make_trainer
+
+from ckptman import CheckpointManager, CheckpointWarning, LeaseWarning, PolicyConfigError
+from ckptman.transformers import CkptmanCallback, StagingFolderMissingError
+
+CHILD = Path(__file__).with_name("transformers_child.py")
+BEST = {"metric_for_best_model": "score", "greater_is_better": False, "save_total_limit": 1}
+
+
+class StartRecorder(transformers.TrainerCallback):
+    """The global step training (re)starts from, and what the directory keeps then."""
+
+    def __init__(self, callback: CkptmanCallback) -> None:
+        self.callback = callback
+        self.start: int | None = None
+        self.kept_at_start: dict[int, tuple[str, ...]] = {}
+
+    def on_train_begin(self, args: Any, state: transformers.TrainerState, control: Any, **kwargs: Any) -> None:
+        self.start = state.global_step
+        self.kept_at_start = self.callback.manager.kept_reasons()
+
+
+def reader(backend: Backend) -> CheckpointManager:
+    """Another process's view of the directory: read-only, no lease, the adapter's best metric."""
+    return CheckpointManager(backend.url, storage_options=backend.storage_options, read_only=True, best="eval_score", mode="min")
+
+
+def train(backend: Backend, output_dir: Path, **arguments: Any) -> tuple[CkptmanCallback, StartRecorder, transformers.Trainer]:
+    """One run as a user writes it: resume from ckptman's latest verified checkpoint (none: from scratch)."""
+    callback = CkptmanCallback(backend.url, storage_options=backend.storage_options)
+    recorder = StartRecorder(callback)
+    trainer = make_trainer(str(output_dir), [callback, recorder], **arguments)
+    trainer.train(resume_from_checkpoint=callback.latest_checkpoint())
+    return callback, recorder, trainer
+
+
+def local_checkpoints(output_dir: Path) -> list[str]:
+    return sorted(p.name for p in output_dir.glob("checkpoint-*")) if output_dir.exists() else []
+
+
+@pytest.mark.parametrize("backend", ["local", "s3"], indirect=True)
+def test_step_saves_best_kept_best_loaded_then_resume(backend: Backend, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    _, recorder, trainer = train(backend, out, max_steps=8, load_best_model_at_end=True, **BEST)
+    assert recorder.start == 0
+    mgr = reader(backend)
+    # Saved at 2, 4, 6, 8; save_total_limit=1 keeps the newest, and the best (step 4) is never deleted.
+    assert mgr.all_steps() == [4, 8] and mgr.best_step() == 4
+    assert [mgr.record(s).epoch for s in mgr.all_steps()] == [2, 4]
+    assert mgr.metrics(4)["eval_score"] == 1.0 and "eval_loss" in mgr.metrics(4)
+    assert local_checkpoints(out) == []  # staging folders removed
+    assert mgr.verify().ok
+
+    # load_best_model_at_end: the model holds step 4's weights although no local folder is left.
+    best = safetensors.torch.load_file(os.path.join(mgr.restore_directory(4, tmp_path / "best"), "model.safetensors"))
+    state = trainer.model.state_dict()
+    assert all(torch.equal(best[k], state[k]) for k in best)
+    assert trainer.state.best_model_checkpoint == mgr.checkpoint_path(4)
+
+    # A restart resumes from the committed step 8, not from scratch; the resumed-from one is protected.
+    _, recorder, trainer = train(backend, out, max_steps=12, **BEST)
+    assert recorder.start == 8 and "resumed from" in recorder.kept_at_start[8]
+    assert trainer.state.global_step == 12
+    mgr = reader(backend)
+    assert mgr.all_steps() == [4, 12] and mgr.best_step() == 4 and mgr.verify().ok
+
+
+def test_epoch_saves_keep_all_and_start_from_scratch(local_backend: Backend, tmp_path: Path) -> None:
+    callback, recorder, _ = train(local_backend, tmp_path / "out", num_train_epochs=3, eval_strategy="epoch", save_strategy="epoch")
+    assert recorder.start == 0  # nothing committed: latest_checkpoint() was None
+    mgr = reader(local_backend)
+    assert mgr.all_steps() == [2, 4, 6]  # no save_total_limit: all kept
+    assert [mgr.record(s).epoch for s in mgr.all_steps()] == [1, 2, 3]
+    assert [mgr.metrics(s)["eval_score"] for s in mgr.all_steps()] == [3.0, 1.0, 2.0]
+    assert mgr.verify().ok
+
+
+def run_child_until_commits(backend: Backend, commits: int, tmp_path: Path) -> list[tuple[int, int]]:
+    """Train in a subprocess; SIGKILL it once it reported ``commits`` commits. Returns (step, epoch) of each."""
+    config = {"url": backend.url, "storage_options": backend.storage_options, "output_dir": str(tmp_path / "out"), "max_steps": 12}
+    root = Path(__file__).resolve().parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root.parent), str(root)])}
+    log = (tmp_path / "child.err").open("w")
+    child = subprocess.Popen([sys.executable, str(CHILD), json.dumps(config)], stdout=subprocess.PIPE, stderr=log, text=True, env=env)
+    seen: list[tuple[int, int]] = []
+    try:
+        assert child.stdout is not None
+        for line in child.stdout:
+            if line.startswith("committed "):
+                _, step, epoch = line.split()
+                seen.append((int(step), int(epoch)))
+                if len(seen) == commits:
+                    child.send_signal(signal.SIGKILL)
+                    break
+            assert not line.startswith("finished"), "the child finished before it could be killed"
+    finally:
+        child.kill()
+        child.wait(timeout=60)
+        log.close()
+    assert child.returncode == -signal.SIGKILL, (tmp_path / "child.err").read_text()[-2000:]
+    return seen
+
+
+@pytest.mark.parametrize("backend", ["local", "s3"], indirect=True)
+def test_sigkill_after_second_commit_then_resume(backend: Backend, tmp_path: Path) -> None:
+    assert run_child_until_commits(backend, 2, tmp_path) == [(2, 1), (4, 2)]
+    out = tmp_path / "out"
+    # What a kill during the Trainer's own write leaves: a newer, half-written local folder.
+    (out / "checkpoint-6").mkdir(parents=True, exist_ok=True)
+    (out / "checkpoint-6" / "config.json").write_text("{}")
+    assert transformers.trainer_utils.get_last_checkpoint(str(out)).endswith("checkpoint-6")  # HF would resume from it
+    time.sleep(2.5)  # the killed child's lease (2 s) expires
+    assert reader(backend).all_steps() == [4] and reader(backend).verify().ok  # step 2 rotated out (save_total_limit=1)
+
+    with pytest.warns(LeaseWarning, match="stale lease"):
+        _, recorder, trainer = train(backend, out, max_steps=12, **BEST)
+    assert recorder.start == 4  # the committed step, not the half-written local folder, not from scratch
+    assert "resumed from" in recorder.kept_at_start[4]
+    assert trainer.state.global_step == 12
+    mgr = reader(backend)
+    assert mgr.all_steps() == [4, 12] and mgr.best_step() == 4 and mgr.metrics(4)["eval_score"] == 1.0
+    assert mgr.verify().ok
+
+
+def test_resume_falls_back_past_a_corrupted_latest_and_removes_it(local_backend: Backend, tmp_path: Path) -> None:
+    train(local_backend, tmp_path / "out", max_steps=8, **BEST)  # steps 4 (best), 8 (latest)
+    weights = Path(reader(local_backend).checkpoint_path(8)) / "model.safetensors"
+    weights.write_bytes(b"x" * weights.stat().st_size)  # same size, wrong bytes
+    with pytest.warns(CheckpointWarning) as caught:
+        _, recorder, trainer = train(local_backend, tmp_path / "out", max_steps=8, **BEST)
+    assert any("failed verification" in str(w.message) for w in caught)
+    assert recorder.start == 4 and trainer.state.global_step == 8  # steps 5-8 trained again, committed anew
+    mgr = reader(local_backend)
+    assert mgr.all_steps() == [4, 8] and mgr.verify().ok
+
+
+def test_errors_are_typed(tmp_path: Path) -> None:
+    with pytest.raises(PolicyConfigError, match="directory"):
+        CkptmanCallback("")
+    with pytest.raises(PolicyConfigError, match="Trainer"):
+        CkptmanCallback(str(tmp_path / "ck")).latest_checkpoint()
+    callback = CkptmanCallback(str(tmp_path / "ck"))
+    args = transformers.TrainingArguments(output_dir=str(tmp_path / "out"), use_cpu=True, report_to=[])
+    state = transformers.TrainerState(global_step=3)
+    callback.on_init_end(args, state, transformers.TrainerControl())
+    with pytest.raises(StagingFolderMissingError, match="checkpoint-3"):
+        callback.on_save(args, state, transformers.TrainerControl())
