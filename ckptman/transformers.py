@@ -131,7 +131,7 @@ class CkptmanCallback(transformers.TrainerCallback):
         if mgr.latest_step() is None:
             return None
         folder = mgr.restore_directory()
-        if not folder.startswith(_local_root(mgr)):
+        if _downloaded(mgr, folder):
             self._downloads.append(folder)
         resumed = transformers.TrainerState.load_from_json(os.path.join(folder, _TRAINER_STATE)).global_step
         self._remove_dead_branch(resumed)
@@ -215,7 +215,7 @@ def _link_tree(source: str, target: str) -> None:
 def _load_weights(model: torch.nn.Module, mgr: CheckpointManager, step: int) -> None:
     """Load a committed checkpoint's model weights as ``Trainer._load_best_model`` does for a plain model."""
     folder = mgr.restore_directory(step)
-    downloaded = not folder.startswith(_local_root(mgr))
+    downloaded = _downloaded(mgr, folder)
     try:
         for name in _WEIGHT_FILES:
             path = os.path.join(folder, name)
@@ -232,9 +232,6 @@ def _load_weights(model: torch.nn.Module, mgr: CheckpointManager, step: int) -> 
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def _local_root(mgr: CheckpointManager) -> str:
-    """The directory as a local path prefix, or a string no path starts with when it is remote."""
-    url = mgr.directory
-    if url.startswith("file://"):
-        url = url[len("file://") :]
-    return url if url.startswith("/") else "\0"
+def _downloaded(mgr: CheckpointManager, folder: str) -> bool:
+    """Whether ``restore_directory`` made a copy (remote directory) rather than returning the checkpoint in place."""
+    return all(folder != mgr.checkpoint_path(step) for step in mgr.all_steps())

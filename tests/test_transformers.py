@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,11 @@ def train(backend: Backend, output_dir: Path, **arguments: Any) -> tuple[Ckptman
     return callback, recorder, trainer
 
 
+def restore_downloads() -> set[Path]:
+    """Temporary folders ``restore_directory`` downloaded remote checkpoints into."""
+    return set(Path(tempfile.gettempdir()).glob("ckptman-restore-*"))
+
+
 def local_checkpoints(output_dir: Path) -> list[str]:
     return sorted(p.name for p in output_dir.glob("checkpoint-*")) if output_dir.exists() else []
 
@@ -73,6 +79,7 @@ def local_checkpoints(output_dir: Path) -> list[str]:
 @pytest.mark.parametrize("backend", ["local", "s3"], indirect=True)
 def test_step_saves_best_kept_best_loaded_then_resume(backend: Backend, tmp_path: Path) -> None:
     out = tmp_path / "out"
+    downloads_before = restore_downloads()
     _, recorder, trainer = train(backend, out, max_steps=8, load_best_model_at_end=True, **BEST)
     assert recorder.start == 0
     mgr = reader(backend)
@@ -95,6 +102,7 @@ def test_step_saves_best_kept_best_loaded_then_resume(backend: Backend, tmp_path
     assert trainer.state.global_step == 12
     mgr = reader(backend)
     assert mgr.all_steps() == [4, 12] and mgr.best_step() == 4 and mgr.verify().ok
+    assert restore_downloads() == downloads_before  # resume and load-best downloads are removed at the end
 
 
 def test_epoch_saves_keep_all_and_start_from_scratch(local_backend: Backend, tmp_path: Path) -> None:
@@ -177,3 +185,11 @@ def test_errors_are_typed(tmp_path: Path) -> None:
     callback.on_init_end(args, state, transformers.TrainerControl())
     with pytest.raises(StagingFolderMissingError, match="checkpoint-3"):
         callback.on_save(args, state, transformers.TrainerControl())
+
+
+def test_save_strategy_best_with_greater_is_better(local_backend: Backend, tmp_path: Path) -> None:
+    arguments = {"metric_for_best_model": "score", "greater_is_better": True, "save_strategy": "best"}
+    train(local_backend, tmp_path / "out", max_steps=8, **arguments)
+    # Scores 3, 1, 2, 4 at steps 2..8: with greater better only steps 2 and 8 are new bests, so only they are saved.
+    mgr = CheckpointManager(local_backend.url, read_only=True, best="eval_score", mode="max")
+    assert mgr.all_steps() == [2, 8] and mgr.best_step() == 8 and mgr.verify().ok
