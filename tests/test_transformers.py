@@ -41,12 +41,16 @@ BEST = {"metric_for_best_model": "score", "greater_is_better": False, "save_tota
 
 
 class StartRecorder(transformers.TrainerCallback):
-    """The global step training (re)starts from, and what the directory keeps then."""
+    """The global step training (re)starts from, what the directory keeps then, and after each commit."""
 
     def __init__(self, callback: CkptmanCallback) -> None:
         self.callback = callback
         self.start: int | None = None
         self.kept_at_start: dict[int, tuple[str, ...]] = {}
+        self.kept_after_save: dict[int, list[int]] = {}
+
+    def on_save(self, args: Any, state: transformers.TrainerState, control: Any, **kwargs: Any) -> None:
+        self.kept_after_save[state.global_step] = self.callback.manager.all_steps()  # runs after the adapter's on_save
 
     def on_train_begin(self, args: Any, state: transformers.TrainerState, control: Any, **kwargs: Any) -> None:
         self.start = state.global_step
@@ -99,6 +103,7 @@ def test_step_saves_best_kept_best_loaded_then_resume(backend: Backend, tmp_path
     # A restart resumes from the committed step 8, not from scratch; the resumed-from one is protected.
     _, recorder, trainer = train(backend, out, max_steps=12, **BEST)
     assert recorder.start == 8 and "resumed from" in recorder.kept_at_start[8]
+    assert recorder.kept_after_save == {10: [4, 10], 12: [4, 12]}  # protected until a newer one is committed (the core's rule)
     assert trainer.state.global_step == 12
     mgr = reader(backend)
     assert mgr.all_steps() == [4, 12] and mgr.best_step() == 4 and mgr.verify().ok
