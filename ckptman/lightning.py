@@ -53,8 +53,9 @@ except ImportError:
     from pytorch_lightning.plugins.io import CheckpointIO  # type: ignore[assignment]
     from pytorch_lightning.utilities.rank_zero import rank_zero_only  # type: ignore[no-redef]
 
+from ckptman.adapting import remove_dead_branch
 from ckptman.distributed import THIS_PROCESS
-from ckptman.errors import CheckpointWarning, PolicyConfigError
+from ckptman.errors import PolicyConfigError
 from ckptman.manager import CheckpointManager
 
 __all__ = ["CkptmanCheckpoint"]
@@ -265,18 +266,8 @@ class CkptmanCheckpoint(ModelCheckpoint):
         return None
 
     def _remove_dead_branch(self, resumed: int) -> None:
-        """Delete the newer checkpoints ``restore()`` fell back past: they failed verification, and training
-        from ``resumed`` would otherwise reach their steps again (ckptman's steps only increase)."""
-        if rank_zero_only.rank != 0:
-            return  # read-only there; rank 0 deletes
-        mgr = self.manager
-        for step in [s for s in mgr.all_steps() if s > resumed]:
-            warnings.warn(
-                f"deleting {mgr.checkpoint_path(step)}: it failed verification and training resumes from step {resumed}",
-                CheckpointWarning,
-                stacklevel=2,
-            )
-            mgr.delete(step)
+        if rank_zero_only.rank == 0:  # read-only elsewhere; rank 0 deletes
+            remove_dead_branch(self.manager, resumed, stacklevel=2)
 
     def _drop_token(self) -> None:
         if self._last_token is not None:

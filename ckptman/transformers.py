@@ -34,7 +34,6 @@ from __future__ import annotations
 import math
 import os
 import shutil
-import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -42,8 +41,9 @@ import safetensors.torch
 import torch
 import transformers
 
+from ckptman.adapting import remove_dead_branch
 from ckptman.distributed import THIS_PROCESS
-from ckptman.errors import CheckpointError, CheckpointWarning, PolicyConfigError
+from ckptman.errors import CheckpointError, PolicyConfigError
 from ckptman.manager import CheckpointManager
 
 __all__ = ["CkptmanCallback", "StagingFolderMissingError"]
@@ -108,7 +108,7 @@ class CkptmanCallback(transformers.TrainerCallback):
         state.best_model_checkpoint = None  # the local folder goes away: the best is loaded in on_train_end
         if not state.is_world_process_zero:
             return
-        folder = os.path.join(args.output_dir, f"{transformers.trainer_utils.PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        folder = os.path.join(str(args.output_dir), f"{transformers.trainer_utils.PREFIX_CHECKPOINT_DIR}-{state.global_step}")
         if not os.path.isdir(folder):
             raise StagingFolderMissingError(f"on_save: the Trainer's checkpoint folder {folder} does not exist")
         metrics = _eval_metrics(state)
@@ -138,16 +138,8 @@ class CkptmanCallback(transformers.TrainerCallback):
         return folder
 
     def _remove_dead_branch(self, resumed: int) -> None:
-        if not self._main:
-            return
-        mgr = self.manager
-        for step in [s for s in mgr.all_steps() if s > resumed]:
-            warnings.warn(
-                f"deleting {mgr.checkpoint_path(step)}: it failed verification and training resumes from step {resumed}",
-                CheckpointWarning,
-                stacklevel=3,
-            )
-            mgr.delete(step)
+        if self._main:
+            remove_dead_branch(self.manager, resumed, stacklevel=3)
 
     # -- the end -----------------------------------------------------------------------
     def on_train_end(self, args: transformers.TrainingArguments, state: transformers.TrainerState, control: Any, **kwargs: Any) -> None:
