@@ -8,11 +8,7 @@ second best the one of epoch 3 (step 12).
 from __future__ import annotations
 
 import datetime
-import json
 import os
-import signal
-import subprocess
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -31,6 +27,7 @@ except ImportError:
             pytest.fail(f"{reason}: with CI set, the Lightning adapter must be tested", pytrace=False)
         pytest.skip(reason, allow_module_level=True)
 
+from adapter_child import run_until_commits
 from conftest import Backend
 from lightning_child import (
     BATCHES_PER_EPOCH,
@@ -135,36 +132,14 @@ def test_step_trigger_keep_last_and_resume_mid_run(backend: Backend) -> None:
 
 
 def run_child_until_commits(backend: Backend, commits: int, tmp_path: Path) -> list[tuple[int, int]]:
-    """Train in a subprocess; SIGKILL it as soon as it reported ``commits`` commits. Returns (step, epoch) of each."""
+    """Train in a subprocess; SIGKILL it once it reported ``commits`` commits. Returns (step, epoch) of each."""
     config = {
         "url": backend.url,
         "storage_options": backend.storage_options,
         "max_epochs": 6,
         "callback": {**TOP_K, "lease_timeout": 2.0},
     }
-    root = Path(__file__).resolve().parent
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root.parent), str(root)])}
-    log = (tmp_path / "child.err").open("w")
-    child = subprocess.Popen(
-        [sys.executable, str(CHILD), json.dumps(config)], stdout=subprocess.PIPE, stderr=log, text=True, env=env
-    )
-    seen: list[tuple[int, int]] = []
-    try:
-        assert child.stdout is not None
-        for line in child.stdout:
-            if line.startswith("committed "):
-                _, step, epoch = line.split()
-                seen.append((int(step), int(epoch)))
-                if len(seen) == commits:
-                    child.send_signal(signal.SIGKILL)
-                    break
-            assert not line.startswith("finished"), "the child finished before it could be killed"
-    finally:
-        child.kill()
-        child.wait(timeout=30)
-        log.close()
-    assert child.returncode == -signal.SIGKILL, (tmp_path / "child.err").read_text()[-2000:]
-    return seen
+    return run_until_commits(CHILD, config, commits, tmp_path)
 
 
 @pytest.mark.parametrize("backend", ["local", "s3"], indirect=True)

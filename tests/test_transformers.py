@@ -7,11 +7,7 @@ better), so the best checkpoint is step 4.
 
 from __future__ import annotations
 
-import json
 import os
-import signal
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,10 +26,16 @@ except ImportError:
 
 import safetensors.torch
 import torch
+from adapter_child import run_until_commits
 from conftest import Backend
 from transformers_child import make_trainer
 
-from ckptman import CheckpointManager, CheckpointWarning, LeaseWarning, PolicyConfigError
+from ckptman import (
+    CheckpointManager,
+    CheckpointWarning,
+    LeaseWarning,
+    PolicyConfigError,
+)
 from ckptman.transformers import CkptmanCallback, StagingFolderMissingError
 
 CHILD = Path(__file__).with_name("transformers_child.py")
@@ -123,27 +125,7 @@ def test_epoch_saves_keep_all_and_start_from_scratch(local_backend: Backend, tmp
 def run_child_until_commits(backend: Backend, commits: int, tmp_path: Path) -> list[tuple[int, int]]:
     """Train in a subprocess; SIGKILL it once it reported ``commits`` commits. Returns (step, epoch) of each."""
     config = {"url": backend.url, "storage_options": backend.storage_options, "output_dir": str(tmp_path / "out"), "max_steps": 12}
-    root = Path(__file__).resolve().parent
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root.parent), str(root)])}
-    log = (tmp_path / "child.err").open("w")
-    child = subprocess.Popen([sys.executable, str(CHILD), json.dumps(config)], stdout=subprocess.PIPE, stderr=log, text=True, env=env)
-    seen: list[tuple[int, int]] = []
-    try:
-        assert child.stdout is not None
-        for line in child.stdout:
-            if line.startswith("committed "):
-                _, step, epoch = line.split()
-                seen.append((int(step), int(epoch)))
-                if len(seen) == commits:
-                    child.send_signal(signal.SIGKILL)
-                    break
-            assert not line.startswith("finished"), "the child finished before it could be killed"
-    finally:
-        child.kill()
-        child.wait(timeout=60)
-        log.close()
-    assert child.returncode == -signal.SIGKILL, (tmp_path / "child.err").read_text()[-2000:]
-    return seen
+    return run_until_commits(CHILD, config, commits, tmp_path)
 
 
 @pytest.mark.parametrize("backend", ["local", "s3"], indirect=True)
