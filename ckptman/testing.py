@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import importlib
 import json
 import logging
 import os
@@ -48,7 +49,6 @@ import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from importlib.util import find_spec
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -362,9 +362,12 @@ def _fake_gcs_binary() -> str | None:
 
 
 def _require_modules(fixture: str, install: str, *modules: str) -> None:
-    missing = [m for m in modules if find_spec(m) is None]
-    if missing:
-        pytest.skip(f"{fixture} needs {', '.join(missing)}: {install}")
+    """Import ``modules`` now, so a missing one skips with the line that installs it."""
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            pytest.skip(f"{fixture} needs {module} ({exc}): {install}")
 
 
 # --------------------------------------------------------------------------- #
@@ -389,11 +392,9 @@ def ckptman_aws_env() -> Iterator[None]:
 @pytest.fixture(scope="session")
 def ckptman_s3_server(ckptman_aws_env: None) -> Iterator[S3Emulator]:
     """A moto S3 server on 127.0.0.1 (a free port) for the whole session."""
-    _require_modules("ckptman_s3_server", S3_INSTALL, "s3fs", "moto")
-    try:
-        from moto.server import ThreadedMotoServer
-    except ImportError as exc:  # moto without its [server] extra (flask, werkzeug)
-        pytest.skip(f"ckptman_s3_server needs moto's server ({exc}): {S3_INSTALL}")
+    _require_modules("ckptman_s3_server", S3_INSTALL, "s3fs", "moto.server")  # moto.server: moto[server]
+    from moto.server import ThreadedMotoServer
+
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
     # Port 0: the server binds a free port itself, so no other process can take it first.
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
