@@ -8,26 +8,20 @@ second best the one of epoch 3 (step 12).
 from __future__ import annotations
 
 import datetime
-import os
 import time
 import warnings
 from pathlib import Path
 from typing import Any
 
 import pytest
+from adapter_child import require_framework, run_until_commits
+
+require_framework(("lightning.pytorch", "pytorch_lightning"), extra="lightning", adapter="Lightning")
 
 try:
     import lightning.pytorch as pl
 except ImportError:
-    try:
-        import pytorch_lightning as pl  # type: ignore[no-redef]
-    except ImportError:
-        reason = 'Lightning is not installed (pip install -e ".[lightning]")'
-        if os.environ.get("CI", "").strip().lower() not in ("", "0", "false"):
-            pytest.fail(f"{reason}: with CI set, the Lightning adapter must be tested", pytrace=False)
-        pytest.skip(reason, allow_module_level=True)
-
-from adapter_child import run_until_commits
+    import pytorch_lightning as pl  # type: ignore[no-redef]
 from conftest import Backend
 from lightning_child import (
     BATCHES_PER_EPOCH,

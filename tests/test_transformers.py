@@ -14,19 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from adapter_child import require_framework, run_until_commits
 
-try:
-    import accelerate  # noqa: F401  (the Trainer needs it)
-    import transformers
-except ImportError:
-    reason = 'transformers or accelerate is not installed (pip install -e ".[transformers]")'
-    if os.environ.get("CI", "").strip().lower() not in ("", "0", "false"):
-        pytest.fail(f"{reason}: with CI set, the Hugging Face adapter must be tested", pytrace=False)
-    pytest.skip(reason, allow_module_level=True)
+require_framework("transformers", "accelerate", extra="transformers", adapter="Hugging Face")  # the Trainer needs accelerate
 
 import safetensors.torch
 import torch
-from adapter_child import run_until_commits
+import transformers
 from conftest import Backend
 from transformers_child import make_trainer
 
@@ -113,7 +107,7 @@ def test_step_saves_best_kept_best_loaded_then_resume(backend: Backend, tmp_path
 
 
 def test_epoch_saves_keep_all_and_start_from_scratch(local_backend: Backend, tmp_path: Path) -> None:
-    callback, recorder, _ = train(local_backend, tmp_path / "out", num_train_epochs=3, eval_strategy="epoch", save_strategy="epoch")
+    _, recorder, _ = train(local_backend, tmp_path / "out", num_train_epochs=3, eval_strategy="epoch", save_strategy="epoch")
     assert recorder.start == 0  # nothing committed: latest_checkpoint() was None
     mgr = reader(local_backend)
     assert mgr.all_steps() == [2, 4, 6]  # no save_total_limit: all kept
