@@ -13,11 +13,16 @@ decides what to keep: ``save_total_limit`` → ``keep_last``,
 ``metric_for_best_model``/``greater_is_better`` → the tracked best, never deleted.
 
 Resume: ``trainer.train(resume_from_checkpoint=True)`` is resolved by the Trainer
-with ``get_last_checkpoint(args.output_dir)`` before any callback event of
-``train()``, and no callback sees the Trainer itself, so ``True`` cannot be
-redirected without patching. Instead ``cb.latest_checkpoint()`` returns a local
-folder with ckptman's latest *verified* checkpoint (None when nothing is
-committed, which ``train`` takes as "from scratch"):
+with ``get_last_checkpoint(args.output_dir)``, the highest local ``checkpoint-N``,
+unchecked (HF #35782), before any callback event of ``train()``. So in
+``on_init_end`` (the main process of each node first, the others after it) the
+callback removes every local ``checkpoint-N`` it did not stage itself (they are
+saves ckptman never committed: it removes its staging folders once committed)
+and stages ckptman's latest *verified* checkpoint there as ``checkpoint-<step>``
+(hard links on local disk, a download otherwise), removed at the end of training.
+``stage_for_resume=False`` skips that (e.g. for a Trainer that only evaluates);
+``cb.latest_checkpoint()`` returns the same folder (None when nothing is
+committed, which ``train`` takes as "from scratch", where ``True`` raises):
 ``trainer.train(resume_from_checkpoint=cb.latest_checkpoint())``.
 
 Best model at the end: the Trainer's own ``_load_best_model`` runs before
@@ -33,7 +38,10 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import shutil
+import tempfile
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -43,13 +51,15 @@ import transformers
 
 from ckptman.adapting import remove_dead_branch
 from ckptman.distributed import THIS_PROCESS
-from ckptman.errors import CheckpointError, PolicyConfigError
+from ckptman.errors import CheckpointError, CheckpointWarning, PolicyConfigError
 from ckptman.manager import CheckpointManager
 
 __all__ = ["CkptmanCallback", "StagingFolderMissingError"]
 
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 _TRAINER_STATE = "trainer_state.json"
+_CHECKPOINT_FOLDER = re.compile(rf"^{transformers.trainer_utils.PREFIX_CHECKPOINT_DIR}-(\d+)$")  # as get_last_checkpoint
+_STAGED_MARK = ".ckptman-staged"  # in a checkpoint-N folder this callback staged for resume_from_checkpoint=True
 
 
 class StagingFolderMissingError(CheckpointError, FileNotFoundError):
@@ -61,7 +71,8 @@ class CkptmanCallback(transformers.TrainerCallback):
 
     ``keep_last`` overrides ``save_total_limit``; ``keep_every`` keeps every N-th
     step in addition. The latest checkpoint, the best one and the one a run resumed
-    from are never deleted.
+    from are never deleted. ``stage_for_resume=False`` skips staging the latest
+    checkpoint into ``output_dir`` for ``train(resume_from_checkpoint=True)``.
     """
 
     def __init__(
@@ -72,6 +83,7 @@ class CkptmanCallback(transformers.TrainerCallback):
         keep_last: int | None = None,
         keep_every: int | None = None,
         lease_timeout: float = 60.0,
+        stage_for_resume: bool = True,
     ) -> None:
         if not isinstance(directory, (str, os.PathLike)) or not os.fspath(directory):
             raise PolicyConfigError(f"directory must be a path or fsspec URL, got {directory!r}")
@@ -84,6 +96,8 @@ class CkptmanCallback(transformers.TrainerCallback):
         self._main = True
         self._manager_args: dict[str, Any] = {}
         self._downloads: list[str] = []
+        self._stage_for_resume = bool(stage_for_resume)
+        self._staged: str | None = None  # output_dir/checkpoint-<step> staged in on_init_end
 
     # -- the manager ---------------------------------------------------------------
     @property
@@ -101,6 +115,10 @@ class CkptmanCallback(transformers.TrainerCallback):
         self._manager_args = {"storage_options": self._storage_options, **_policy(args, self._keep_last, self._keep_every)}
         self._manager_args.update(lease_timeout=self._lease_timeout, process_group=THIS_PROCESS)
         self.manager  # noqa: B018  (fail at construction on a bad URL or a locked directory)
+        if self._stage_for_resume:
+            with args.main_process_first(local=True, desc="ckptman: staging the latest checkpoint for resume_from_checkpoint=True"):
+                if state.is_local_process_zero:
+                    self._stage_latest(str(args.output_dir))
 
     # -- saving ----------------------------------------------------------------------
     def on_save(self, args: transformers.TrainingArguments, state: transformers.TrainerState, control: Any, **kwargs: Any) -> None:
@@ -122,20 +140,53 @@ class CkptmanCallback(transformers.TrainerCallback):
         """A local folder with the latest verified checkpoint, for ``train(resume_from_checkpoint=...)``; None if none.
 
         Newer checkpoints that fail verification are deleted with a warning (a dead
-        branch: training from the older step would reach their steps again). On local
-        disk the folder is the checkpoint itself (read it only); remote ones are
-        downloaded to a temporary folder, removed at the end of training.
+        branch: training from the older step would reach their steps again). It is
+        the folder staged in ``output_dir`` for ``resume_from_checkpoint=True`` when
+        that is still the latest; else, on local disk, the checkpoint itself (read it
+        only), and remote ones are downloaded to a temporary folder, removed at the
+        end of training.
         """
         mgr = self.manager
         mgr.refresh()
-        if mgr.latest_step() is None:
+        latest = mgr.latest_step()
+        if latest is None:
             return None
+        if self._staged is not None and self._staged.endswith(f"-{latest}") and os.path.isdir(self._staged):
+            return self._staged
         folder = mgr.restore_directory()
         if _downloaded(mgr, folder):
             self._downloads.append(folder)
-        resumed = transformers.TrainerState.load_from_json(os.path.join(folder, _TRAINER_STATE)).global_step
-        self._remove_dead_branch(resumed)
+        self._remove_dead_branch(_trainer_step(folder))
         return folder
+
+    def _stage_latest(self, output_dir: str) -> None:
+        """``output_dir`` gets ckptman's latest verified checkpoint as its only ``checkpoint-N`` (see the module docstring)."""
+        mgr = self.manager
+        mgr.refresh()
+        for folder in _local_checkpoints(output_dir):
+            if not os.path.exists(os.path.join(folder, _STAGED_MARK)) and _step_of(folder) not in mgr.all_steps():
+                warnings.warn(
+                    f"removing {folder}: ckptman never committed it (a save interrupted before the callback's on_save), "
+                    "so resume_from_checkpoint=True must not load it",
+                    CheckpointWarning,
+                    stacklevel=4,
+                )
+            shutil.rmtree(folder)
+        if mgr.latest_step() is None:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        staging = tempfile.mkdtemp(prefix=".ckptman-staging-", dir=output_dir)  # not a checkpoint-N until complete
+        folder = mgr.restore_directory()
+        if _downloaded(mgr, folder):
+            shutil.rmtree(staging)
+            shutil.move(folder, staging)
+        else:
+            _link_tree(folder, staging)
+        step = _trainer_step(staging)
+        self._remove_dead_branch(step)
+        open(os.path.join(staging, _STAGED_MARK), "w").close()
+        self._staged = os.path.join(output_dir, f"{transformers.trainer_utils.PREFIX_CHECKPOINT_DIR}-{step}")
+        os.replace(staging, self._staged)
 
     def _remove_dead_branch(self, resumed: int) -> None:
         if self._main:
@@ -153,9 +204,9 @@ class CkptmanCallback(transformers.TrainerCallback):
                 _load_weights(kwargs["model"], mgr, best)
                 state.best_model_checkpoint = mgr.checkpoint_path(best)
         finally:
-            for folder in self._downloads:
+            for folder in [*self._downloads, *([self._staged] if self._staged else [])]:
                 shutil.rmtree(folder, ignore_errors=True)
-            self._downloads = []
+            self._downloads, self._staged = [], None
             if self._mgr is not None:
                 self._mgr.close()
                 self._mgr = None
@@ -188,7 +239,7 @@ def _eval_metrics(state: transformers.TrainerState) -> dict[str, float]:
 
 def _completed_epochs(state: transformers.TrainerState) -> int | None:
     """Epochs completed at this save: ``state.epoch`` is fractional mid-epoch and whole at an epoch's end."""
-    return None if state.epoch is None else int(math.floor(state.epoch + 1e-9))
+    return None if state.epoch is None else math.floor(state.epoch + 1e-9)
 
 
 def _link_tree(source: str, target: str) -> None:
@@ -222,6 +273,23 @@ def _load_weights(model: torch.nn.Module, mgr: CheckpointManager, step: int) -> 
     finally:
         if downloaded:
             shutil.rmtree(folder, ignore_errors=True)
+
+
+def _local_checkpoints(output_dir: str) -> list[str]:
+    """The ``checkpoint-N`` folders ``get_last_checkpoint`` would choose from."""
+    if not os.path.isdir(output_dir):
+        return []
+    names = [name for name in os.listdir(output_dir) if _CHECKPOINT_FOLDER.match(name)]
+    return [os.path.join(output_dir, name) for name in names if os.path.isdir(os.path.join(output_dir, name))]
+
+
+def _step_of(folder: str) -> int:
+    return int(os.path.basename(folder).rsplit("-", 1)[1])
+
+
+def _trainer_step(folder: str) -> int:
+    """The global step a checkpoint folder resumes at, from the Trainer's own state file."""
+    return int(transformers.TrainerState.load_from_json(os.path.join(folder, _TRAINER_STATE)).global_step)
 
 
 def _downloaded(mgr: CheckpointManager, folder: str) -> bool:

@@ -58,12 +58,15 @@ def reader(backend: Backend) -> CheckpointManager:
     return CheckpointManager(backend.url, storage_options=backend.storage_options, read_only=True, best="eval_score", mode="min")
 
 
-def train(backend: Backend, output_dir: Path, **arguments: Any) -> tuple[CkptmanCallback, StartRecorder, transformers.Trainer]:
-    """One run as a user writes it: resume from ckptman's latest verified checkpoint (none: from scratch)."""
+def train(
+    backend: Backend, output_dir: Path, resume: bool = False, **arguments: Any
+) -> tuple[CkptmanCallback, StartRecorder, transformers.Trainer]:
+    """One run as a user writes it: resume from ckptman's latest verified checkpoint (none: from scratch);
+    ``resume=True`` spells it the Trainer's way, ``resume_from_checkpoint=True``."""
     callback = CkptmanCallback(backend.url, storage_options=backend.storage_options)
     recorder = StartRecorder(callback)
     trainer = make_trainer(str(output_dir), [callback, recorder], **arguments)
-    trainer.train(resume_from_checkpoint=callback.latest_checkpoint())
+    trainer.train(resume_from_checkpoint=True if resume else callback.latest_checkpoint())
     return callback, recorder, trainer
 
 
@@ -133,14 +136,29 @@ def test_sigkill_after_second_commit_then_resume(backend: Backend, tmp_path: Pat
     time.sleep(2.5)  # the killed child's lease (2 s) expires
     assert reader(backend).all_steps() == [4] and reader(backend).verify().ok  # step 2 rotated out (save_total_limit=1)
 
-    with pytest.warns(LeaseWarning, match="stale lease"):
-        _, recorder, trainer = train(backend, out, max_steps=12, **BEST)
+    with pytest.warns(LeaseWarning, match="stale lease"), pytest.warns(CheckpointWarning, match="checkpoint-6: ckptman never committed it"):
+        _, recorder, trainer = train(backend, out, resume=True, max_steps=12, **BEST)  # the Trainer's own spelling
     assert recorder.start == 4  # the committed step, not the half-written local folder, not from scratch
     assert "resumed from" in recorder.kept_at_start[4]
     assert trainer.state.global_step == 12
     mgr = reader(backend)
     assert mgr.all_steps() == [4, 12] and mgr.best_step() == 4 and mgr.metrics(4)["eval_score"] == 1.0
     assert mgr.verify().ok
+    assert local_checkpoints(out) == []  # the staged checkpoint-4 is removed at the end
+
+
+def test_resume_from_checkpoint_true_with_a_local_directory_stages_hard_links(local_backend: Backend, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    train(local_backend, out, max_steps=4, **BEST)
+    callback = CkptmanCallback(local_backend.url)
+    trainer = make_trainer(str(out), [callback], max_steps=6, **BEST)
+    staged = out / "checkpoint-4"
+    committed = Path(reader(local_backend).checkpoint_path(4)) / "model.safetensors"
+    assert (staged / "model.safetensors").stat().st_ino == committed.stat().st_ino  # no second copy
+    assert callback.latest_checkpoint() == str(staged)  # the same folder for the explicit spelling
+    trainer.train(resume_from_checkpoint=True)
+    assert trainer.state.global_step == 6 and local_checkpoints(out) == []
+    assert reader(local_backend).all_steps() == [4, 6]
 
 
 def test_resume_falls_back_past_a_corrupted_latest_and_removes_it(local_backend: Backend, tmp_path: Path) -> None:
