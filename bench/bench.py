@@ -11,11 +11,15 @@ Benchmarks (``--only`` takes these names or their numbers, comma-separated):
                    ckptman save(async_save=True) vs DCP async_save.
 3 ``restore``      verified restore: torch.load vs ckptman restore (warm and
                    cold page cache, and followed by a copy into the model).
-4 ``s3``           a 16-file directory checkpoint to moto S3 behind a
-                   latency/bandwidth-limited proxy: sequential put_file vs
-                   s3fs put (concurrent) vs ckptman save_directory.
+4 ``s3``           every S3 transfer against the s3fs call it replaces, on moto
+                   behind a latency/bandwidth-limited proxy (bench/_objectstore.py):
+                   directory upload, small files, state save, state restore,
+                   directory restore.
 5 ``should_save``  cost of one ``mgr.should_save(step)`` call.
-6 ``memory``       peak extra RSS of one save, each in a fresh process.
+6 ``memory``       peak extra RSS of one save, each in a fresh process (local
+                   disk, and a synchronous save to SeaweedFS S3).
+7 ``seaweedfs``    benchmark 4 on a real S3 server (SeaweedFS) on 127.0.0.1.
+8 ``scale``        the state save and restore of 4 and 7 at 64 MiB, 256 MiB, 1 GiB.
 
 Contenders of a benchmark are interleaved within every repeat (A B C, B C A,
 C A B, ...) so slow drift of a shared machine hits them alike, and every
@@ -27,26 +31,22 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import gc
 import json
 import os
 import platform
 import shlex
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import timeit
-import uuid
 import warnings
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (  # noqa: E402
-    BUCKET,
     DCP_WARNING,
     HERE,
     MiB,
@@ -54,235 +54,28 @@ from _common import (  # noqa: E402
     describe,
     evict_from_page_cache,
     fsync_path,
-    is_not_implemented,
     make_state,
-    s3_options,
     state_bytes,
     warm_page_cache,
 )
+from _driver import (  # noqa: E402
+    Config,
+    Contender,
+    Group,
+    Row,
+    Scratch,
+    _version,
+    fmt_value,
+    log,
+    manager,
+    median_at_most,
+    ratio_at_most,
+    rm,
+    run_interleaved,
+)
+from _objectstore import bench_scale, bench_server  # noqa: E402
 
-BENCHES = ("save", "async", "restore", "s3", "should_save", "memory")
-
-
-# --------------------------------------------------------------------------- #
-# Configuration
-# --------------------------------------------------------------------------- #
-
-
-@dataclasses.dataclass
-class Config:
-    repeats: int
-    state_mib: int
-    n_tensors: int
-    dir_files: int
-    dir_file_mib: int
-    latency: float
-    bandwidth: float
-    should_save_calls: int
-    base: str  # parent of all temporary folders
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace, base: str) -> Config:
-        quick = args.quick
-        return cls(
-            repeats=args.repeats or (2 if quick else 5),
-            state_mib=args.state_mib or (64 if quick else 256),
-            n_tensors=args.tensors,
-            dir_files=16,
-            dir_file_mib=args.file_mib or (4 if quick else 16),
-            latency=args.latency,
-            bandwidth=args.bandwidth_mib * MiB,
-            should_save_calls=200_000 if quick else 1_000_000,
-            base=base,
-        )
-
-
-# --------------------------------------------------------------------------- #
-# Results
-# --------------------------------------------------------------------------- #
-
-
-@dataclasses.dataclass
-class Row:
-    contender: str
-    kind: str = "s"  # "s" seconds, "us" microseconds per call, "mem" bytes
-    samples: list[float] = dataclasses.field(default_factory=list)
-    status: str | None = None  # "n/a (not implemented: ...)" or "error: ..."
-    baseline: bool = False
-    goal: str = ""
-    check: Callable[[Group, Row], bool] | None = None
-
-    @property
-    def median(self) -> float | None:
-        return statistics.median(self.samples) if self.samples and self.status is None else None
-
-
-@dataclasses.dataclass
-class Group:
-    key: str
-    title: str
-    rows: list[Row] = dataclasses.field(default_factory=list)
-    notes: list[str] = dataclasses.field(default_factory=list)
-    ratio_of: float | None = None  # fixed denominator for the ratio column (memory: state size)
-
-    def row(self, contender: str) -> Row:
-        for row in self.rows:
-            if row.contender == contender:
-                return row
-        raise KeyError(contender)
-
-    def ratio(self, row: Row) -> float | None:
-        if row.median is None:
-            return None
-        if self.ratio_of is not None:
-            return row.median / self.ratio_of
-        base = next((r for r in self.rows if r.baseline), None)
-        if base is None or not base.median:
-            return None
-        return row.median / base.median
-
-    def met(self, row: Row) -> str:
-        if not row.goal:
-            return ""
-        if row.median is None:
-            return "n/a"
-        try:
-            return "yes" if row.check and row.check(self, row) else "NO"
-        except (TypeError, ZeroDivisionError):  # a reference it needs is missing
-            return "n/a"
-
-
-def ratio_at_most(limit: float, *, not_above: str | None = None) -> Callable[[Group, Row], bool]:
-    """Ratio <= limit, and (optionally) median <= another row's median."""
-
-    def check(group: Group, row: Row) -> bool:
-        ratio = group.ratio(row)
-        ok = ratio is not None and ratio <= limit
-        if not_above is not None:
-            other = group.row(not_above).median
-            if other is None:
-                raise TypeError("reference row missing")
-            ok = ok and row.median <= other
-        return ok
-
-    return check
-
-
-def median_at_most(limit: float) -> Callable[[Group, Row], bool]:
-    return lambda group, row: row.median <= limit
-
-
-# --------------------------------------------------------------------------- #
-# The interleaving driver
-# --------------------------------------------------------------------------- #
-
-
-@dataclasses.dataclass
-class Contender:
-    """``measure()`` does its own untimed preparation and cleanup and returns
-    ``{row label: value}`` for what it timed.  ``setup()`` (a warm-up) raising
-    TypeError/NotImplementedError marks the contender "not implemented"."""
-
-    labels: list[str]
-    measure: Callable[[int], dict[str, float]]
-    setup: Callable[[], None] | None = None
-    teardown: Callable[[], None] | None = None
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def fmt_value(value: float, kind: str) -> str:
-    if kind == "s":
-        return f"{value:.3f} s" if value < 10 else f"{value:.2f} s"
-    if kind == "us":
-        return f"{value:.3f} µs"
-    if kind == "mem":
-        return f"{value / MiB:.0f} MiB"
-    return f"{value:.3g}"
-
-
-def run_interleaved(group: Group, contenders: list[Contender], repeats: int) -> None:
-    """Warm up every contender, then run them round-robin (rotating the order each repeat)."""
-    rows = {row.contender: row for row in group.rows}
-    active: list[Contender] = []
-    for c in contenders:
-        try:
-            if c.setup:
-                c.setup()
-            active.append(c)
-        except Exception as exc:  # noqa: BLE001 - any failure is reported, the bench goes on
-            status = f"n/a (not implemented: {describe(exc, 70)})" if is_not_implemented(exc) else f"error: {describe(exc, 80)}"
-            for label in c.labels:
-                rows[label].status = status
-            log(f"  {c.labels[0]}: {status}")
-    try:
-        for rep in range(repeats):
-            order = active[rep % len(active):] + active[: rep % len(active)] if active else []
-            for c in order:
-                if rows[c.labels[0]].status is not None:
-                    continue
-                gc.collect()
-                try:
-                    values = c.measure(rep)
-                except Exception as exc:  # noqa: BLE001
-                    status = f"error: {describe(exc, 80)}"
-                    for label in c.labels:
-                        rows[label].status = status
-                    log(f"  repeat {rep + 1}/{repeats} {c.labels[0]}: {status}")
-                    continue
-                for label, value in values.items():
-                    rows[label].samples.append(value)
-                shown = ", ".join(f"{label} {fmt_value(v, rows[label].kind)}" for label, v in values.items())
-                log(f"  repeat {rep + 1}/{repeats}: {shown}")
-    finally:
-        for c in contenders:
-            if c.teardown:
-                with contextlib.suppress(Exception):
-                    c.teardown()
-
-
-class Scratch:
-    """Fresh, uniquely named folders below one parent; removed by ``clean``."""
-
-    def __init__(self, base: str, name: str) -> None:
-        self.root = tempfile.mkdtemp(prefix=f"{name}-", dir=base)
-
-    def new(self, name: str = "run", create: bool = True) -> str:
-        path = os.path.join(self.root, f"{name}-{uuid.uuid4().hex[:8]}")
-        if create:
-            os.makedirs(path)
-        return path
-
-    def clean(self) -> None:
-        shutil.rmtree(self.root, ignore_errors=True)
-
-
-def rm(path: str) -> None:
-    shutil.rmtree(path, ignore_errors=True)
-
-
-def manager(directory: str, **kwargs: Any) -> Any:
-    """A CheckpointManager; progress bars off when the keyword exists (they would draw on a terminal)."""
-    from ckptman import CheckpointManager
-
-    if "progress" in manager_parameters():
-        kwargs.setdefault("progress", False)
-    return CheckpointManager(directory, **kwargs)
-
-
-def manager_parameters() -> dict[str, Any]:
-    """CheckpointManager's keyword arguments and their defaults."""
-    import inspect
-
-    from ckptman import CheckpointManager
-
-    return {
-        name: p.default
-        for name, p in inspect.signature(CheckpointManager).parameters.items()
-        if p.default is not inspect.Parameter.empty
-    }
+BENCHES = ("save", "async", "restore", "s3", "should_save", "memory", "seaweedfs", "scale")
 
 
 # --------------------------------------------------------------------------- #
@@ -537,233 +330,6 @@ def bench_restore(cfg: Config, state: dict) -> list[Group]:
     return groups
 
 
-# --------------------------------------------------------------------------- #
-# 4. directory checkpoint to S3 (moto) over a simulated wide-area link
-# --------------------------------------------------------------------------- #
-
-
-class ChildServer:
-    """bench/_s3server.py in a subprocess (moto, or the proxy); stopped by closing its stdin."""
-
-    def __init__(self, args: list[str]) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, os.path.join(HERE, "_s3server.py"), *args],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        line = self.proc.stdout.readline() if self.proc.stdout else ""
-        if not line:
-            self.stop()
-            raise RuntimeError(f"_s3server.py {' '.join(args)} did not start (exit code {self.proc.returncode})")
-        self.port: int = json.loads(line)["port"]
-
-    def stats(self) -> dict[str, int]:
-        assert self.proc.stdin and self.proc.stdout
-        self.proc.stdin.write("stats\n")
-        self.proc.stdin.flush()
-        return json.loads(self.proc.stdout.readline())
-
-    def stop(self) -> None:
-        if self.proc.stdin:
-            with contextlib.suppress(OSError):
-                self.proc.stdin.close()
-        try:
-            self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()  # our own child, by its handle
-            self.proc.wait()
-
-    def __enter__(self) -> ChildServer:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-
-def bench_s3(cfg: Config) -> Group:
-    import fsspec
-
-    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
-    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
-        os.environ.pop(name, None)
-    n, size = cfg.dir_files, cfg.dir_file_mib * MiB
-    total_mib = n * cfg.dir_file_mib
-    group = Group("4", f"dir checkpoint {n}x{cfg.dir_file_mib} MiB to S3")
-    group.rows = [
-        Row("sequential put_file", baseline=True),
-        Row("s3fs put (batch)"),
-        Row("ckptman upload+commit", goal="<= 0.25x, <= s3fs", check=ratio_at_most(0.25, not_above="s3fs put (batch)")),
-        Row("  ckptman whole block"),
-        Row("  s3fs put, no proxy"),
-    ]
-    scratch = Scratch(cfg.base, "s3")
-    blobs = [os.urandom(size) for _ in range(n)]
-    tiny = [os.urandom(1024)]
-    requests: dict[str, str] = {}
-    counting: dict[str, Any] = {"label": None}
-
-    @contextlib.contextmanager
-    def count_requests() -> Iterator[None]:
-        """Count the proxy's requests and new connections around a timed region (queried outside it)."""
-        label = counting["label"]
-        before = proxy_server.stats() if label else None
-        yield
-        if label and before is not None:
-            after = proxy_server.stats()
-            requests[label] = (
-                f"{after['requests'] - before['requests']} requests, "
-                f"{after['connections'] - before['connections']} new connections"
-            )
-
-    def write_files(folder: str, data: list[bytes]) -> None:
-        for i, blob in enumerate(data):
-            with open(os.path.join(folder, f"shard_{i:02d}.bin"), "wb") as f:
-                f.write(blob)
-
-    try:
-        with ChildServer(["moto"]) as moto, ChildServer(
-            ["proxy", "--upstream-port", str(moto.port), "--latency", str(cfg.latency), "--bandwidth", str(cfg.bandwidth)]
-        ) as proxy:
-            moto_port, proxy_port = moto.port, proxy.port
-            proxy_server = proxy
-            direct = fsspec.filesystem("s3", skip_instance_cache=True, **s3_options(f"http://127.0.0.1:{moto_port}"))
-            direct.mkdir(BUCKET)
-            opts = s3_options(f"http://127.0.0.1:{proxy_port}")
-            fs = fsspec.filesystem("s3", **opts)  # the same cached instance ckptman gets for these options
-            group.notes.append(
-                f"moto {_version('moto')} ThreadedMotoServer and tests/netproxy.py NetProxy each in their own process; "
-                f"proxy latency {cfg.latency * 1000:.0f} ms per request, bandwidth "
-                + (f"{cfg.bandwidth / MiB:.0f} MiB/s per connection per direction" if cfg.bandwidth else "unlimited")
-                + f"; s3fs {_version('s3fs')} default client "
-                f"(max_pool_connections={_pool_size(fs)}); ckptman defaults"
-                + (f" (max_concurrency={manager_parameters()['max_concurrency']})" if "max_concurrency" in manager_parameters() else "")
-                + f"; {total_mib} MiB per checkpoint"
-            )
-
-            def check_uploaded(prefix: str, count: int, each: int) -> None:
-                direct.invalidate_cache()
-                found = {p: direct.info(p)["size"] for p in direct.find(prefix) if "shard_" in p}
-                if len(found) != count or set(found.values()) != {each}:
-                    raise RuntimeError(f"upload to {prefix} incomplete: {len(found)} files, sizes {set(found.values())}")
-
-            def local_copy(data: list[bytes]) -> str:
-                folder = scratch.new("src")
-                write_files(folder, data)
-                return folder
-
-            def sequential(data: list[bytes]) -> dict[str, float]:
-                src, prefix = local_copy(data), f"{BUCKET}/{uuid.uuid4().hex}/seq"
-                try:
-                    with count_requests():
-                        t0 = time.perf_counter()
-                        for name in sorted(os.listdir(src)):
-                            fs.put_file(os.path.join(src, name), f"{prefix}/{name}")
-                        elapsed = time.perf_counter() - t0
-                    check_uploaded(prefix, len(data), len(data[0]))
-                    return {"sequential put_file": elapsed}
-                finally:
-                    rm(src)
-                    direct.rm(prefix.rsplit("/", 1)[0], recursive=True)
-
-            def batch(data: list[bytes], client: Any = None, label: str = "s3fs put (batch)") -> dict[str, float]:
-                src, prefix = local_copy(data), f"{BUCKET}/{uuid.uuid4().hex}/batch"
-                try:
-                    with count_requests():
-                        t0 = time.perf_counter()
-                        (client or fs).put(src + "/", prefix, recursive=True)
-                        elapsed = time.perf_counter() - t0
-                    check_uploaded(prefix, len(data), len(data[0]))
-                    return {label: elapsed}
-                finally:
-                    rm(src)
-                    direct.rm(prefix.rsplit("/", 1)[0], recursive=True)
-
-            ck: dict[str, Any] = {"mgr": None, "step": 0, "prefix": f"{BUCKET}/{uuid.uuid4().hex}"}
-
-            def ckptman_open() -> None:
-                ck["mgr"] = manager(f"s3://{ck['prefix']}/run", storage_options=opts)
-                ckptman_dir(tiny)
-
-            def ckptman_close() -> None:
-                try:
-                    if ck["mgr"] is not None:
-                        ck["mgr"].close()
-                finally:
-                    direct.rm(ck["prefix"], recursive=True)
-
-            def ckptman_dir(data: list[bytes]) -> dict[str, float]:
-                """Next step into the manager kept open (as in training); checked, then deleted (untimed)."""
-                mgr = ck["mgr"]
-                ck["step"] += 1
-                step = ck["step"]
-                with count_requests():
-                    t0 = time.perf_counter()
-                    with mgr.save_directory(step) as folder:
-                        if folder is None:
-                            raise RuntimeError("save_directory() yielded None")
-                        write_files(folder, data)
-                        t1 = time.perf_counter()
-                    t2 = time.perf_counter()
-                mgr.wait_until_finished()
-                if mgr.all_steps() != [step]:
-                    raise RuntimeError(f"committed steps are {mgr.all_steps()}, not [{step}]")
-                check_uploaded(f"{ck['prefix']}/run/", len(data), len(data[0]))
-                mgr.delete(step)
-                return {"ckptman upload+commit": t2 - t1, "  ckptman whole block": t2 - t0}
-
-            def counted(label: str, f: Callable[[list[bytes]], dict[str, float]]) -> Callable[[int], dict[str, float]]:
-                def measure(rep: int) -> dict[str, float]:
-                    counting["label"] = label if label not in requests else None
-                    try:
-                        return f(blobs)
-                    finally:
-                        counting["label"] = None
-
-                return measure
-
-            contenders = [
-                Contender(["sequential put_file"], counted("sequential put_file", sequential), setup=lambda: sequential(tiny)),
-                Contender(["s3fs put (batch)"], counted("s3fs put (batch)", batch), setup=lambda: batch(tiny)),
-                Contender(
-                    ["  s3fs put, no proxy"],
-                    lambda rep: batch(blobs, direct, "  s3fs put, no proxy"),
-                    setup=lambda: batch(tiny, direct, "  s3fs put, no proxy"),
-                ),
-                Contender(
-                    ["ckptman upload+commit", "  ckptman whole block"],
-                    counted("ckptman save_directory", ckptman_dir),
-                    setup=ckptman_open,
-                    teardown=ckptman_close,
-                ),
-            ]
-            run_interleaved(group, contenders, cfg.repeats)
-    finally:
-        scratch.clean()
-    if requests:
-        group.notes.append("through the proxy in the timed region of the first repeat: " + "; ".join(f"{k}: {v}" for k, v in requests.items()))
-    per_file = cfg.dir_file_mib * MiB / cfg.bandwidth if cfg.bandwidth else 0.0
-    group.notes.append(
-        "upload+commit = from the end of writing the files inside the with-block to its exit (upload, checksums, "
-        "manifest, 'latest', sidecar); whole block also counts mkdtemp and writing the files to local disk. "
-        "'s3fs put, no proxy' goes straight to moto: the most this machine's loopback S3 can take "
-        "(client, moto and proxy share 2 cores), a ceiling for every parallel contender"
-        + (
-            f". Link-bound ideal: sequential ~{n * (per_file + cfg.latency):.1f} s, 8 connections "
-            f"~{-(-n // 8) * (per_file + cfg.latency):.1f} s"
-            if per_file
-            else ""
-        )
-    )
-    return group
-
-
-def _pool_size(fs: Any) -> str:
-    try:
-        return str(fs.config_kwargs.get("max_pool_connections", 10))
-    except Exception:  # noqa: BLE001
-        return "?"
-
 
 # --------------------------------------------------------------------------- #
 # 5. should_save
@@ -893,14 +459,6 @@ def bench_memory(cfg: Config) -> Group:
 # Report
 # --------------------------------------------------------------------------- #
 
-
-def _version(dist: str) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(dist)
-    except PackageNotFoundError:
-        return "not installed"
 
 
 def _git_state() -> str:
@@ -1101,9 +659,11 @@ def main(argv: list[str] | None = None) -> int:
             ("save", lambda: bench_save(cfg, state, tiny)),
             ("async", lambda: bench_async(cfg, state, tiny)),
             ("restore", lambda: bench_restore(cfg, state)),
-            ("s3", lambda: bench_s3(cfg)),
+            ("s3", lambda: bench_server(cfg, "s3")),
             ("should_save", lambda: bench_should_save(cfg)),
             ("memory", lambda: bench_memory(cfg)),
+            ("seaweedfs", lambda: bench_server(cfg, "seaweedfs")),
+            ("scale", lambda: bench_scale(cfg)),
         ]
         for name, run in steps:
             if name not in selected:

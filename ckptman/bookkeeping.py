@@ -12,15 +12,24 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import time
 import warnings
+from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
 
 from ckptman import commit
 from ckptman import staging as staging_dirs
 from ckptman.catalog import Catalog
-from ckptman.errors import CheckpointWarning, ManifestError, ReadOnlyError, StepExistsError, UnreadableFolderError
+from ckptman.errors import (
+    CheckpointWarning,
+    LeaseLostError,
+    ManifestError,
+    ReadOnlyError,
+    StepExistsError,
+    UnreadableFolderError,
+)
 from ckptman.lease import Lease
 from ckptman.manifest import Manifest
 from ckptman.naming import NameFormat
@@ -30,7 +39,22 @@ from ckptman.state import SIDECAR_NAME, SidecarState
 from ckptman.storage import Storage
 
 logger = logging.getLogger("ckptman")
+T = TypeVar("T")
 _FALLBACK = "the state is rebuilt from the manifests (a writable manager rewrites the sidecar); nothing is deleted"
+
+
+def in_background(call: Callable[[], T]) -> Future[T]:
+    """``call`` on a thread of its own; its result or error in the future."""
+    future: Future[T] = Future()
+
+    def run() -> None:
+        try:
+            future.set_result(call())
+        except BaseException as exc:  # noqa: BLE001 - handed to whoever waits for it
+            future.set_exception(exc)
+
+    threading.Thread(target=run, name="ckptman-lease-read", daemon=True).start()
+    return future
 
 
 @dataclass
@@ -43,11 +67,35 @@ class Bookkeeper:
     lease: Lease | None = None
     leftovers: set[str] = field(default_factory=set)  # folders of failed saves whose cleanup failed too
     last_commit_at: float = field(default_factory=time.monotonic)  # this process's clock; the opening until a commit
+    _lease_ahead: Future[float] | None = field(default=None, repr=False)
 
     def check_lease(self) -> None:
         """Read the lease before changing anything on storage: a writer that lost it must not write or delete."""
         if self.lease is not None:
             self.lease.check()
+
+    def read_lease_ahead(self) -> None:
+        """Start the lease read of the coming commit now, so that it overlaps the upload of the payload.
+
+        The read proves the lease ours until a deadline (:meth:`Lease.check`);
+        the commit relies on it only before then, else it reads again.
+        """
+        if self.lease is not None:
+            self._lease_ahead = in_background(self.lease.check)
+
+    def _check_lease_for_commit(self) -> None:
+        ahead, self._lease_ahead = self._lease_ahead, None
+        if ahead is not None and self.lease is not None:
+            try:
+                held_until = ahead.result()
+            except LeaseLostError:
+                raise
+            except Exception:  # noqa: BLE001 - a storage error of the early read: read again, now
+                held_until = 0.0
+            if time.time() < held_until:
+                self.lease.raise_if_lost()
+                return
+        self.check_lease()
 
     # -- opening -----------------------------------------------------------------
     def scan(self) -> None:
@@ -128,14 +176,24 @@ class Bookkeeper:
 
     # -- changes ---------------------------------------------------------------------
     def commit(self, manifest: Manifest) -> None:
-        """Steps 4 to 7 of the save sequence: the lease, the manifest, then ``latest``, retention and the sidecar."""
-        self.check_lease()
+        """Steps 4 to 7 of the save sequence: the lease, the manifest, then ``latest``, retention and the sidecar.
+
+        When retention deletes nothing, ``latest`` and the sidecar are written
+        together (concurrently on object stores): one round trip instead of two.
+        """
+        self._check_lease_for_commit()
         commit.commit(self.storage, manifest)
         self.catalog.put(manifest)
         self.catalog.pinned = {}  # a newer checkpoint is now the resume point
         self.last_commit_at = time.monotonic()
         logger.info("committed %s/%s (%d files, %d bytes)", self.storage.url, manifest.name, len(manifest.files), manifest.size)
         try:
+            latest = self.catalog.latest_name()
+            if latest is not None and set(self.catalog.manifests) <= set(self.kept_reasons()):
+                state = self.sidecar()
+                commit.write_latest_and_sidecar(self.storage, latest, state)
+                self.catalog.stored = state
+                return
             self.write_latest()
             self.apply_retention()
         except Exception as exc:  # noqa: BLE001 - the checkpoint is committed: say so, do not pretend it failed

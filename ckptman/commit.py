@@ -129,6 +129,11 @@ def write_latest(storage: Storage, name: str | None) -> None:
         storage.write_atomic(LATEST_NAME, name.encode())
 
 
+def write_latest_and_sidecar(storage: Storage, name: str, state: SidecarState) -> None:
+    """``latest`` and the sidecar after a commit that deleted nothing, in one call (concurrent on object stores)."""
+    storage.write_atomic_many({LATEST_NAME: name.encode(), SIDECAR_NAME: state.to_bytes()})
+
+
 def read_latest(storage: Storage) -> str | None:
     try:
         return storage.read_bytes(LATEST_NAME).decode().strip()

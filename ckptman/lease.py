@@ -183,9 +183,15 @@ class Lease:
         if self._lost is not None:
             raise LeaseLostError(f"lost the lease on {self._storage.url}: {self._lost}") from self._lost
 
-    def check(self) -> None:
-        """Raise LeaseLostError unless this manager still holds the lease (read before every write)."""
-        self._current()
+    def check(self) -> float:
+        """Raise LeaseLostError unless this manager still holds the lease (read before every write).
+
+        Returns the time (``time.time()``) until which this read proves the
+        lease ours: no one may take over a lease before ``renewed + timeout``
+        (see :meth:`_is_stale`), and half of that margin is kept for clock
+        skew and the write that follows.
+        """
+        return _holder(self._current()).renewed + self.timeout / 2
 
     def _current(self) -> Versioned:
         """The lease object on storage, which must be this manager's; else the lease is lost."""

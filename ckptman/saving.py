@@ -9,7 +9,8 @@ For one checkpoint (a :class:`CheckpointRecord` decided by rank 0, see
    checkpoint kind decides which, :mod:`ckptman.kinds`), each checksummed
    while it streams. A rank that fails still reaches step 3.
 3. **Every rank** sends rank 0 its file entries, or its error.
-4. **Rank 0** commits (:meth:`Bookkeeper.commit`: lease check, manifest
+4. **Rank 0** commits (:meth:`Bookkeeper.commit`: lease check (read while
+   step 2 runs, :meth:`Bookkeeper.read_lease_ahead`), manifest
    written last in one call, then ``latest``, retention and the sidecar), or,
    when any rank failed, wrote nothing, or two ranks wrote the same file,
    removes the folder and commits nothing.
@@ -42,6 +43,8 @@ def save_collectively(ranks: distributed.Coordinator, books: Bookkeeper, record:
     """Steps 1 to 5 above; raises on every rank when nothing was committed."""
     step, name = record.step, record.name
     distributed.on_coordinator(ranks, lambda: books.prepare_folder(step))
+    if ranks.is_coordinator:
+        books.read_lease_ahead()  # overlaps the uploads; the commit checks it is still recent enough
     own: tuple[FileEntry, ...] = ()
     failure: BaseException | None = None
     try:

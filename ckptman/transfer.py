@@ -104,6 +104,9 @@ def upload_file(
                 if stop.is_set():
                     raise _Stopped(f"upload of {local_path} stopped")
                 writer.write(chunk)
+        writer.flush()  # parts still uploading land (S3: they go up while the file is read) ...
+        if stop.is_set():  # ... and a sibling that failed meanwhile still stops the completion
+            raise _Stopped(f"upload of {local_path} stopped")
 
     return write_stream(storage, rel, copy, entry_path, callback)
 

@@ -1,0 +1,455 @@
+"""The object-store benchmarks of bench.py: every S3 transfer ckptman does, against the s3fs call a user would make.
+
+Run on two servers, each in its own process (``_s3server.py``):
+
+* ``s3``: moto behind tests/netproxy.py's NetProxy (latency and a bandwidth cap
+  per connection: a simulated wide-area link, where concurrency pays);
+* ``seaweedfs``: a real S3 server (SeaweedFS's gateway, filer and volume
+  server in one ``weed server``) on 127.0.0.1, no link simulation: there the
+  server's CPU is what limits every client.
+
+For each: a directory checkpoint up (goal 1) and back (goal 2), a state dict
+saved (goal 3) and restored (goal 4), many small files (goal 5); ``scale``
+repeats the state transfers at 64 MiB to 1 GiB (goal 6).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from typing import Any, Callable, Iterator
+
+from _common import BUCKET, HERE, MiB, make_state, s3_options
+from _driver import Config, Contender, Group, Row, Scratch, _version, log, manager, ratio_at_most, rm, run_interleaved
+
+
+class ChildServer:
+    """bench/_s3server.py in a subprocess (moto, SeaweedFS or the proxy); stopped by closing its stdin."""
+
+    def __init__(self, args: list[str]) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, os.path.join(HERE, "_s3server.py"), *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        line = self.proc.stdout.readline() if self.proc.stdout else ""
+        if not line:
+            self.stop()
+            raise RuntimeError(f"_s3server.py {' '.join(args)} did not start (exit code {self.proc.returncode})")
+        self.port: int = json.loads(line)["port"]
+
+    def stats(self) -> dict[str, int]:
+        assert self.proc.stdin and self.proc.stdout
+        self.proc.stdin.write("stats\n")
+        self.proc.stdin.flush()
+        return json.loads(self.proc.stdout.readline())
+
+    def stop(self) -> None:
+        if self.proc.stdin:
+            with contextlib.suppress(OSError):
+                self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()  # our own child, by its handle
+            self.proc.wait()
+
+
+class Server:
+    """One S3 endpoint for the contenders (``opts``), and a direct client for checks and cleanup."""
+
+    def __init__(self, name: str, cfg: Config) -> None:
+        import fsspec
+
+        self.name, self.proxy = name, None
+        self.children: list[ChildServer] = []
+        if name == "s3":
+            moto = self._start(["moto"])
+            self.proxy = self._start(
+                ["proxy", "--upstream-port", str(moto.port), "--latency", str(cfg.latency), "--bandwidth", str(cfg.bandwidth)]
+            )
+            direct_port, port = moto.port, self.proxy.port
+        else:
+            weed = self._start(["seaweedfs", "--dir", cfg.base])
+            direct_port = port = weed.port
+        self.direct_opts = s3_options(f"http://127.0.0.1:{direct_port}")
+        self.direct = fsspec.filesystem("s3", skip_instance_cache=True, **self.direct_opts)
+        if name == "s3":
+            self.direct.mkdir(BUCKET)
+        self.opts = s3_options(f"http://127.0.0.1:{port}")
+        self.fs = fsspec.filesystem("s3", **self.opts)  # the same cached instance ckptman gets for these options
+
+    def _start(self, args: list[str]) -> ChildServer:
+        child = ChildServer(args)
+        self.children.append(child)
+        return child
+
+    @property
+    def label(self) -> str:
+        return "moto+proxy" if self.name == "s3" else "SeaweedFS"
+
+    def prefix(self) -> str:
+        return f"{BUCKET}/{uuid.uuid4().hex}"
+
+    def remove(self, prefix: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.direct.rm(prefix, recursive=True)
+        self.direct.invalidate_cache()
+        self.fs.invalidate_cache()
+
+    def stop(self) -> None:
+        for child in reversed(self.children):
+            child.stop()
+
+
+@contextlib.contextmanager
+def s3_environment() -> Iterator[None]:
+    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+        os.environ.pop(name, None)
+    yield
+
+
+def write_files(folder: str, blobs: list[bytes]) -> None:
+    for i, blob in enumerate(blobs):
+        with open(os.path.join(folder, f"shard_{i:03d}.bin"), "wb") as f:
+            f.write(blob)
+
+
+class OpenManager:
+    """A CheckpointManager on the server kept open over all repeats (as in training); each save deleted again."""
+
+    def __init__(self, server: Server) -> None:
+        self.server, self.prefix, self.step, self.mgr = server, server.prefix(), 0, None
+
+    def open(self) -> Any:
+        self.mgr = manager(f"s3://{self.prefix}/run", storage_options=self.server.opts)
+        return self.mgr
+
+    def next_step(self) -> int:
+        self.step += 1
+        return self.step
+
+    def close(self) -> None:
+        try:
+            if self.mgr is not None:
+                self.mgr.close()
+        finally:
+            self.server.remove(self.prefix)
+
+
+def _group(key: str, server: Server, title: str) -> Group:
+    return Group(key, f"{title} ({server.label})")
+
+
+# --------------------------------------------------------------------------- #
+# goals 1 and 5: a directory checkpoint up
+# --------------------------------------------------------------------------- #
+
+
+def directory_upload(cfg: Config, server: Server, key: str, count: int, size: int, title: str) -> Group:
+    group = _group(key, server, title)
+    group.rows = [
+        Row("s3fs put", baseline=True),
+        Row("ckptman upload+commit", goal="<= 1.00x", check=ratio_at_most(1.00)),
+        Row("  ckptman whole block"),
+    ]
+    if server.proxy is not None:
+        group.rows.append(Row("  s3fs put, no proxy"))
+    scratch = Scratch(cfg.base, "upload")
+    blobs = [os.urandom(size) for _ in range(count)]
+    tiny = [os.urandom(1024)]
+    requests: dict[str, str] = {}
+
+    def counted(label: str, call: Callable[[], None]) -> None:
+        proxy = server.proxy
+        if proxy is None or label in requests:
+            call()
+            return
+        before = proxy.stats()
+        call()
+        after = proxy.stats()
+        requests[label] = f"{after['requests'] - before['requests']} requests"
+
+    def put(data: list[bytes], fs: Any, label: str) -> dict[str, float]:
+        src, prefix = scratch.new("src"), server.prefix()
+        write_files(src, data)
+        timing: dict[str, float] = {}
+
+        def call() -> None:
+            t0 = time.perf_counter()
+            fs.put(src + "/", prefix, recursive=True)
+            timing[label] = time.perf_counter() - t0
+
+        try:
+            counted(label, call) if len(data) > 1 else call()
+            return timing
+        finally:
+            rm(src)
+            server.remove(prefix)
+
+    ck = OpenManager(server)
+
+    def ckptman_dir(data: list[bytes]) -> dict[str, float]:
+        mgr, step = ck.mgr, ck.next_step()
+        timing: dict[str, float] = {}
+
+        def call() -> None:
+            t0 = time.perf_counter()
+            with mgr.save_directory(step) as folder:
+                write_files(folder, data)
+                t1 = time.perf_counter()
+            t2 = time.perf_counter()
+            timing.update({"ckptman upload+commit": t2 - t1, "  ckptman whole block": t2 - t0})
+
+        counted("ckptman", call) if len(data) > 1 else call()
+        if mgr.all_steps() != [step]:
+            raise RuntimeError(f"committed steps are {mgr.all_steps()}, not [{step}]")
+        mgr.delete(step)
+        return timing
+
+    contenders = [
+        Contender(["s3fs put"], lambda rep: put(blobs, server.fs, "s3fs put"), setup=lambda: put(tiny, server.fs, "s3fs put")),
+        Contender(
+            ["ckptman upload+commit", "  ckptman whole block"],
+            lambda rep: ckptman_dir(blobs),
+            setup=lambda: (ck.open(), ckptman_dir(tiny)) and None,
+            teardown=ck.close,
+        ),
+    ]
+    if server.proxy is not None:
+        label = "  s3fs put, no proxy"
+        contenders.append(Contender([label], lambda rep: put(blobs, server.direct, label), setup=lambda: put(tiny, server.direct, label)))
+    try:
+        run_interleaved(group, contenders, cfg.repeats)
+    finally:
+        scratch.clean()
+    group.notes.append(
+        f"{count} files of {size / MiB:g} MiB; s3fs put = fs.put(local_dir, prefix, recursive=True) of files written "
+        "(untimed) just before; upload+commit = from the end of writing the same files inside "
+        "`with mgr.save_directory(step)` to its exit (upload with xxh3 checksums, manifest, 'latest', sidecar); "
+        "whole block adds mkdtemp and the local writes"
+        + ("; 'no proxy' goes straight to moto: the ceiling of this machine's loopback S3" if server.proxy else "")
+        + (f"; requests per save through the proxy: {', '.join(f'{k} {v}' for k, v in requests.items())}" if requests else "")
+    )
+    return group
+
+
+# --------------------------------------------------------------------------- #
+# goal 2: a directory checkpoint back
+# --------------------------------------------------------------------------- #
+
+
+def directory_restore(cfg: Config, server: Server, key: str) -> Group:
+    count, size = cfg.dir_files, cfg.dir_file_mib * MiB
+    group = _group(key, server, f"restore dir {count}x{cfg.dir_file_mib} MiB")
+    group.rows = [
+        Row("s3fs get", baseline=True),
+        Row("ckptman restore_directory", goal="<= 1.00x", check=ratio_at_most(1.00)),
+    ]
+    scratch = Scratch(cfg.base, "download")
+    blobs = [os.urandom(size) for _ in range(count)]
+    plain = server.prefix()
+    src = scratch.new("src")
+    write_files(src, blobs)
+    server.fs.put(src + "/", plain, recursive=True)
+    ck = OpenManager(server)
+
+    def get(rep: int) -> dict[str, float]:
+        target = scratch.new("get", create=False)
+        try:
+            t0 = time.perf_counter()
+            server.fs.get(plain + "/", target + "/", recursive=True)
+            elapsed = time.perf_counter() - t0
+            if len(os.listdir(target)) != count:
+                raise RuntimeError(f"s3fs get fetched {os.listdir(target)}")
+            return {"s3fs get": elapsed}
+        finally:
+            rm(target)
+
+    def setup() -> None:
+        mgr = ck.open()
+        with mgr.save_directory(1) as folder:
+            write_files(folder, blobs)
+
+    def restore(rep: int) -> dict[str, float]:
+        target = scratch.new("restore", create=False)
+        try:
+            t0 = time.perf_counter()
+            ck.mgr.restore_directory(1, local_dir=target)
+            elapsed = time.perf_counter() - t0
+            if len(os.listdir(target)) != count:
+                raise RuntimeError(f"restore_directory fetched {os.listdir(target)}")
+            return {"ckptman restore_directory": elapsed}
+        finally:
+            rm(target)
+
+    try:
+        run_interleaved(group, [Contender(["s3fs get"], get), Contender(["ckptman restore_directory"], restore, setup, ck.close)], cfg.repeats)
+    finally:
+        scratch.clean()
+        server.remove(plain)
+    group.notes.append(
+        "s3fs get = fs.get(prefix, local_dir, recursive=True), unverified; ckptman = mgr.restore_directory(step, "
+        "local_dir=...), every file checked against its size and xxh3 checksum while it streams; each into a new folder"
+    )
+    return group
+
+
+# --------------------------------------------------------------------------- #
+# goals 3 and 4: a state dict saved and restored
+# --------------------------------------------------------------------------- #
+
+
+def state_save(cfg: Config, server: Server, key: str, mib: int, repeats: int) -> Group:
+    import torch
+
+    group = _group(key, server, f"save {mib} MiB state")
+    group.rows = [
+        Row("torch.save into s3fs file", baseline=True),
+        Row("ckptman save", goal="<= 0.75x", check=ratio_at_most(0.75)),
+    ]
+    state, tiny = make_state(mib, cfg.n_tensors), make_state(1, 2, seed=1)
+    ck = OpenManager(server)
+
+    def plain(s: dict) -> dict[str, float]:
+        prefix = server.prefix()
+        try:
+            t0 = time.perf_counter()
+            with server.fs.open(f"{prefix}/state.pt", "wb") as f:
+                torch.save(s, f)
+            return {"torch.save into s3fs file": time.perf_counter() - t0}
+        finally:
+            server.remove(prefix)
+
+    def save(s: dict) -> dict[str, float]:
+        step = ck.next_step()
+        t0 = time.perf_counter()
+        ok = ck.mgr.save(step, s, force=True)
+        elapsed = time.perf_counter() - t0
+        if not ok or ck.mgr.all_steps() != [step]:
+            raise RuntimeError(f"save({step}) returned {ok}; committed steps {ck.mgr.all_steps()}")
+        ck.mgr.delete(step)
+        return {"ckptman save": elapsed}
+
+    contenders = [
+        Contender(["torch.save into s3fs file"], lambda rep: plain(state), setup=lambda: plain(tiny) and None),
+        Contender(["ckptman save"], lambda rep: save(state), setup=lambda: (ck.open(), save(tiny)) and None, teardown=ck.close),
+    ]
+    run_interleaved(group, contenders, repeats)
+    group.notes.append(
+        f"{cfg.n_tensors} float32 tensors; torch.save(state, f) into fs.open(path, 'wb') (s3fs's buffered file: "
+        "50 MiB parts, each uploaded while serialization waits); ckptman save = mgr.save(step, state) to commit: "
+        "torch.save streamed through the xxh3 hash into a multipart upload whose 16 MiB parts go up concurrently "
+        "(4 at a time) while serialization goes on, then manifest, 'latest', sidecar"
+    )
+    return group
+
+
+def state_restore(cfg: Config, server: Server, key: str, mib: int, repeats: int) -> Group:
+    import torch
+
+    group = _group(key, server, f"restore {mib} MiB state + copy into model")
+    group.rows = [
+        Row("s3fs get_file + torch.load", baseline=True),
+        Row("ckptman restore", goal="<= 1.00x", check=ratio_at_most(1.00)),
+    ]
+    state = make_state(mib, cfg.n_tensors)
+    model = {k: torch.empty_like(v) for k, v in state.items()}
+    scratch = Scratch(cfg.base, "state-restore")
+    plain = server.prefix()
+    with server.fs.open(f"{plain}/state.pt", "wb") as f:
+        torch.save(state, f)
+    ck = OpenManager(server)
+
+    def copy_into_model(loaded: dict) -> None:
+        for k, target in model.items():  # what load_state_dict does: every byte is touched
+            target.copy_(loaded[k])
+
+    def get(rep: int) -> dict[str, float]:
+        folder = scratch.new("get")
+        try:
+            t0 = time.perf_counter()
+            path = os.path.join(folder, "state.pt")
+            server.fs.get_file(f"{plain}/state.pt", path)
+            copy_into_model(torch.load(path, weights_only=True))
+            return {"s3fs get_file + torch.load": time.perf_counter() - t0}
+        finally:
+            rm(folder)
+
+    def setup() -> None:
+        ck.open().save(1, state, force=True)
+
+    def restore(rep: int) -> dict[str, float]:
+        t0 = time.perf_counter()
+        copy_into_model(ck.mgr.restore(1))
+        return {"ckptman restore": time.perf_counter() - t0}
+
+    try:
+        run_interleaved(group, [Contender(["s3fs get_file + torch.load"], get), Contender(["ckptman restore"], restore, setup, ck.close)], repeats)
+    finally:
+        scratch.clean()
+        server.remove(plain)
+    group.notes.append(
+        "both weights_only=True and followed by copy_() of every tensor into preallocated ones (load_state_dict); "
+        "ckptman restore = mgr.restore(step): download checked against size and xxh3 checksum, then torch.load(mmap=True)"
+    )
+    return group
+
+
+# --------------------------------------------------------------------------- #
+# the suites
+# --------------------------------------------------------------------------- #
+
+
+def bench_server(cfg: Config, name: str) -> list[Group]:
+    """Goals 1 to 5 on one server; group keys 4a-4e (moto+proxy) or 7a-7e (SeaweedFS)."""
+    prefix = "4" if name == "s3" else "7"
+    groups: list[Group] = []
+    with s3_environment():
+        server = Server(name, cfg)
+        try:
+            steps: list[tuple[str, Callable[[str], Group]]] = [
+                ("a", lambda k: directory_upload(
+                    cfg, server, k, cfg.dir_files, cfg.dir_file_mib * MiB, f"dir checkpoint {cfg.dir_files}x{cfg.dir_file_mib} MiB")),
+                ("b", lambda k: directory_upload(
+                    cfg, server, k, cfg.small_files, cfg.small_file_kib * 1024, f"small files {cfg.small_files}x{cfg.small_file_kib} KiB")),
+                ("c", lambda k: state_save(cfg, server, k, cfg.state_mib, cfg.repeats)),
+                ("d", lambda k: state_restore(cfg, server, k, cfg.state_mib, cfg.repeats)),
+                ("e", lambda k: directory_restore(cfg, server, k)),
+            ]
+            for letter, run in steps:
+                log(f"[{prefix}{letter}] {server.label}")
+                groups.append(run(prefix + letter))
+        finally:
+            server.stop()
+    notes = groups[0].notes
+    if name == "s3":
+        notes.append(
+            f"moto {_version('moto')} and tests/netproxy.py NetProxy each in their own process; proxy latency "
+            f"{cfg.latency * 1000:.0f} ms per request, bandwidth "
+            + (f"{cfg.bandwidth / MiB:.0f} MiB/s per connection and direction" if cfg.bandwidth else "unlimited")
+        )
+    else:
+        notes.append("SeaweedFS `weed server` (master, volume, filer, S3 gateway in one process) on 127.0.0.1, data on local disk")
+    return groups
+
+
+def bench_scale(cfg: Config) -> list[Group]:
+    """Goal 6: the state transfers at growing sizes on both servers (3 repeats each)."""
+    groups: list[Group] = []
+    repeats = min(cfg.repeats, 3)
+    with s3_environment():
+        for name, prefix in (("s3", "8"), ("seaweedfs", "9")):
+            server = Server(name, cfg)
+            try:
+                for i, mib in enumerate(cfg.scale_mibs):
+                    log(f"[{prefix}] {server.label} {mib} MiB")
+                    groups.append(state_save(cfg, server, f"{prefix}{'abcdef'[2 * i]}", mib, repeats))
+                    groups.append(state_restore(cfg, server, f"{prefix}{'abcdef'[2 * i + 1]}", mib, repeats))
+            finally:
+                server.stop()
+    return groups

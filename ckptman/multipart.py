@@ -1,0 +1,148 @@
+"""Uploads to S3 whose parts go up concurrently while the producer keeps writing.
+
+s3fs's buffered file uploads a part only when its buffer is full, and then
+waits for it: ``torch.save`` into an s3fs file serializes, stops, uploads 50
+MiB, serializes again. Here every full part is handed to fsspec's event loop
+at once and the producer goes on filling the next one; at most
+``IN_FLIGHT`` parts are on their way, so memory stays ``(IN_FLIGHT + 1) x
+part size`` whatever the file's size. A file that fits in one part is one
+``PutObject``, as with s3fs.
+
+Nothing becomes visible before :meth:`PartUpload.close` completes the
+upload; :meth:`PartUpload.discard` aborts it (no parts left billed). Used only
+by :mod:`ckptman.storage`, for S3 filesystems (s3fs).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from concurrent.futures import FIRST_COMPLETED, Future, wait
+from typing import Any, Callable, cast
+
+from fsspec.asyn import sync
+
+MiB = 2**20
+PART_SIZE = 16 * MiB
+"""Part size unless the filesystem's block size is smaller (S3 accepts parts down to 5 MiB)."""
+IN_FLIGHT = 4
+"""Parts uploading at once: enough to keep a server's cores busy, bounded so memory stays small."""
+_MIN_PART = 5 * MiB
+_MAX_PART = 5 * 1024 * MiB
+_PARTS_PER_SIZE = 1000  # the part size doubles every 1000 parts: S3 allows 10,000 parts per upload
+
+
+def opener_for(fs: Any) -> Callable[[str], PartUpload] | None:
+    """How to open a concurrent upload on ``fs``, or None where fsspec's own file is used (not S3)."""
+    if not (hasattr(fs, "_call_s3") and hasattr(fs, "split_path")):
+        return None
+    part_size = max(_MIN_PART, min(PART_SIZE, int(getattr(fs, "default_block_size", PART_SIZE) or PART_SIZE)))
+    return lambda path: PartUpload(fs, path, part_size)
+
+
+class PartUpload:
+    """A write-only file on S3: parts uploaded concurrently, published by :meth:`close`, aborted by :meth:`discard`."""
+
+    def __init__(self, fs: Any, path: str, part_size: int) -> None:
+        self._fs = fs
+        self._path = path
+        self._bucket, self._key, _ = fs.split_path(path)
+        self._part_size = part_size
+        self._chunks: list[bytes] = []  # the part being filled
+        self._filled = 0
+        self._upload_id: str | None = None
+        self._parts: dict[int, Future[dict[str, Any]]] = {}
+        self._running: set[Future[dict[str, Any]]] = set()
+        self.closed = False
+
+    # -- the file interface --------------------------------------------------------
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        """Take the bytes (copied unless they are a whole ``bytes`` object, which is immutable)."""
+        view = memoryview(data).cast("B")
+        written = 0
+        while written < view.nbytes:
+            if self._filled >= self._size_of(len(self._parts) + 1):
+                self._send_part()  # only once more bytes come: a file of exactly one part stays one PUT
+            piece = view[written : written + self._size_of(len(self._parts) + 1) - self._filled]
+            whole = isinstance(view.obj, bytes) and piece.nbytes == len(view.obj)
+            self._chunks.append(cast(bytes, view.obj) if whole else bytes(piece))
+            self._filled += piece.nbytes
+            written += piece.nbytes
+        return written
+
+    def flush(self) -> None:
+        """Wait until the parts on their way have landed (a failed one raises); the rest goes up on close.
+
+        Lets a caller decide, once the bytes are uploaded and before
+        :meth:`close` publishes them, that nobody wants the file any more.
+        """
+        wait(self._running)
+        self._wait_for_room()
+
+    def close(self) -> None:
+        """Upload what is left and complete the upload: the file becomes visible now, whole."""
+        if self.closed:
+            return
+        if self._upload_id is None:
+            self._call("put_object", Body=self._take())
+        else:
+            if self._filled:
+                self._send_part()
+            done = [future.result() for _, future in sorted(self._parts.items())]
+            self._call("complete_multipart_upload", UploadId=self._upload_id, MultipartUpload={"Parts": done})
+        self.closed = True
+        self._fs.invalidate_cache(self._path)
+
+    def discard(self) -> None:
+        """Give up: stop the parts still uploading and abort the multipart upload, publishing nothing."""
+        self.closed = True
+        self._chunks = []
+        for future in self._parts.values():
+            future.cancel()
+        wait(list(self._parts.values()))
+        if self._upload_id is not None:
+            with contextlib.suppress(Exception):
+                self._call("abort_multipart_upload", UploadId=self._upload_id)
+
+    # -- parts ---------------------------------------------------------------------
+    def _size_of(self, number: int) -> int:
+        return min(_MAX_PART, self._part_size << ((number - 1) // _PARTS_PER_SIZE))
+
+    def _send_part(self) -> None:
+        if self._upload_id is None:
+            self._upload_id = self._call("create_multipart_upload")["UploadId"]
+        number = len(self._parts) + 1
+        future = asyncio.run_coroutine_threadsafe(self._upload_part(number, self._take()), self._fs.loop)
+        self._parts[number] = future
+        self._running.add(future)
+        self._wait_for_room()
+
+    def _take(self) -> bytes:
+        """The part filled so far, as one ``bytes`` (what botocore streams without another copy)."""
+        chunks, self._chunks, self._filled = self._chunks, [], 0
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    async def _upload_part(self, number: int, body: bytes) -> dict[str, Any]:
+        out = await self._fs._call_s3(
+            "upload_part", Bucket=self._bucket, Key=self._key, UploadId=self._upload_id, PartNumber=number, Body=body
+        )
+        part = {"PartNumber": number, "ETag": out["ETag"]}
+        if "ChecksumSHA256" in out:  # what s3fs's own file passes on to the completion
+            part["ChecksumSHA256"] = out["ChecksumSHA256"]
+        return part
+
+    def _wait_for_room(self) -> None:
+        """Block while ``IN_FLIGHT`` parts are uploading; a failed part raises here, in the producer."""
+        while True:
+            for future in [future for future in self._running if future.done()]:
+                self._running.discard(future)
+                future.result()  # raises the part's error
+            if len(self._running) < IN_FLIGHT:
+                return
+            wait(self._running, return_when=FIRST_COMPLETED)
+
+    def _call(self, method: str, **kwargs: Any) -> Any:
+        return sync(self._fs.loop, self._fs._call_s3, method, Bucket=self._bucket, Key=self._key, **kwargs)
