@@ -42,10 +42,15 @@ def _importable(module: str) -> bool:
     return True
 
 
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment of a test's child process: ckptman and the tests' helper modules importable."""
+    root = Path(__file__).resolve().parent
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(root.parent), str(root)]), **extra}
+
+
 def run_until_commits(child_script: Path, config: dict[str, Any], commits: int, tmp_path: Path) -> list[tuple[int, int]]:
     """Train in a subprocess; SIGKILL it once it reported ``commits`` commits. Returns (step, epoch) of each."""
-    root = Path(__file__).resolve().parent
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root.parent), str(root)])}
+    env = child_env()
     err = tmp_path / "child.err"
     with err.open("w") as log:
         child = subprocess.Popen(

@@ -7,14 +7,17 @@ better), so the best checkpoint is step 4.
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from adapter_child import require_framework, run_until_commits
+from adapter_child import child_env, require_framework, run_until_commits
 
 require_framework("transformers", "accelerate", extra="transformers", adapter="Hugging Face")  # the Trainer needs accelerate
 
@@ -192,3 +195,31 @@ def test_save_strategy_best_with_greater_is_better(local_backend: Backend, tmp_p
     # Scores 3, 1, 2, 4 at steps 2..8: with greater better only steps 2 and 8 are new bests, so only they are saved.
     mgr = CheckpointManager(local_backend.url, read_only=True, best="eval_score", mode="max")
     assert mgr.all_steps() == [2, 8] and mgr.best_step() == 8 and mgr.verify().ok
+
+
+@pytest.mark.parametrize("backend", ["s3"], indirect=True)
+def test_two_ranks_only_rank_zero_writes_and_both_resume_from_the_same_step(backend: Backend, tmp_path: Path) -> None:
+    """torchrun, 2 CPU processes (gloo): on_save runs on both; rank 0 commits; a rerun resumes both at the committed step."""
+    config = {"url": backend.url, "storage_options": backend.storage_options, "output_dir": str(tmp_path / "out"), "ranks": True}
+    first = run_ranks({**config, "max_steps": 4}, tmp_path)
+    assert first == {0: (0, 4, True), 1: (0, 4, False)}
+    assert reader(backend).all_steps() == [2, 4]
+    second = run_ranks({**config, "max_steps": 8}, tmp_path)
+    assert second == {0: (4, 8, True), 1: (4, 8, False)}  # both ranks started from the committed step 4
+    mgr = reader(backend)
+    assert mgr.all_steps() == [6, 8] and mgr.verify().ok  # save_total_limit=2 (no best metric here)
+    assert local_checkpoints(tmp_path / "out") == []
+
+
+def run_ranks(config: dict[str, Any], tmp_path: Path) -> dict[int, tuple[int, int, bool]]:
+    """``torchrun --nproc_per_node 2`` of the child; each rank's (start step, end step, writable)."""
+    env = child_env(OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    done = subprocess.run([*command, str(CHILD), json.dumps(config)], check=False, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = {}
+    for line in done.stdout.splitlines():
+        if line.startswith("rank "):
+            _, rank, _, start, _, end, _, writable = line.split()
+            ranks[int(rank)] = (int(start), int(end), writable == "True")
+    return ranks

@@ -7,6 +7,10 @@ committed before it SIGKILLs this process:
 
     committed <step> <completed epochs>
     finished
+
+Under ``torchrun`` with ``config["resume"]`` set, every rank trains with
+``resume_from_checkpoint=True`` (when something is committed) and prints
+``rank <rank> start <global step> end <global step> writable <bool>``.
 """
 
 from __future__ import annotations
@@ -89,6 +93,22 @@ class Reporter(transformers.TrainerCallback):
         time.sleep(0.5)
 
 
+class StartProbe(transformers.TrainerCallback):
+    def on_train_begin(self, args: Any, state: transformers.TrainerState, control: Any, **kwargs: Any) -> None:
+        self.start = state.global_step
+
+
+def ranks_main(config: dict[str, Any]) -> None:
+    """One rank of a multi-process run: the Trainer's own resume spelling on every rank."""
+    callback = CkptmanCallback(config["url"], storage_options=config["storage_options"])
+    probe = StartProbe()
+    trainer = make_trainer(config["output_dir"], [callback, probe], max_steps=config["max_steps"], save_total_limit=2)
+    resume = callback.manager.latest_step() is not None
+    trainer.train(resume_from_checkpoint=True if resume else None)
+    rank = trainer.args.process_index
+    print(f"rank {rank} start {probe.start} end {trainer.state.global_step} writable {callback._main}", flush=True)
+
+
 def main(config: dict[str, Any]) -> None:
     callback = CkptmanCallback(config["url"], storage_options=config["storage_options"], lease_timeout=2.0)
     trainer = make_trainer(
@@ -104,4 +124,5 @@ def main(config: dict[str, Any]) -> None:
 
 
 if __name__ == "__main__":
-    main(json.loads(sys.argv[1]))
+    settings = json.loads(sys.argv[1])
+    ranks_main(settings) if settings.get("ranks") else main(settings)
