@@ -211,3 +211,9 @@ def test_a_fresh_work_dir_resumes_from_the_remote_run_folder(s3_backend: Backend
     _, probe, _ = train(tmp_path / "node-c" / "exp", hook, max_epochs=4, flexible=True, resume=SCHEME + folder)
     assert probe.start == (3, 12)
     assert reader(s3_backend, tmp_path / "exp").all_steps() == [16]
+
+
+def test_save_begin_and_save_last_follow_the_seed_hook(local_backend: Backend, tmp_path: Path) -> None:
+    work_dir = tmp_path / "begin"
+    train(work_dir, hook_args(local_backend, interval=3, by_epoch=False, save_begin=5), max_iters=12)
+    assert reader(local_backend, work_dir).all_steps() == [5, 8, 11, 12]  # from iteration 5 every 3, and the last
