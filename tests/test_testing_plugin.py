@@ -176,3 +176,28 @@ def test_env_points_a_child_process_at_the_emulator(fixture: str, request: pytes
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[7] [1.0, 1.0, 1.0]"
+
+
+def test_gcs_works_when_gcsfs_was_imported_first(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
+    """gcsfs imported before the fixture set ``GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false``
+    picks its gRPC-probing filesystem (a minute per bucket on an emulator): the
+    fixture registers the plain one for ``gs://``."""
+    monkeypatch.delenv("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", raising=False)
+    pytester.makeconftest("import gcsfs  # before any fixture runs")
+    pytester.makepyfile(
+        test_user="""
+        import fsspec
+        import torch
+
+        from ckptman import CheckpointManager
+
+
+        def test_gcs(ckptman_gcs):
+            assert fsspec.get_filesystem_class("gs").__name__ == "GCSFileSystem"
+            with CheckpointManager(ckptman_gcs.url, storage_options=ckptman_gcs.storage_options) as mgr:
+                mgr.save(1, {"w": torch.zeros(2)})
+                assert mgr.restore()["w"].tolist() == [0.0, 0.0]
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", timeout=120)
+    result.assert_outcomes(passed=1)
