@@ -12,12 +12,13 @@ from __future__ import annotations
 import copy
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Callable
-
-import torch
+from typing import TYPE_CHECKING, Any, Callable
 
 from ckptman import distributed
 from ckptman.record import CheckpointRecord
+
+if TYPE_CHECKING:
+    import torch
 
 
 class Snapshotter:
@@ -36,6 +37,8 @@ class Snapshotter:
 
     def take(self, state: Any) -> Any:
         """Containers rebuilt with their own types, tensors copied to CPU, other leaves deep-copied."""
+        import torch  # only async saves snapshot tensors: importing ckptman stays fast
+
         used: dict[tuple[Any, ...], torch.Tensor] = {}
 
         def copy_tensor(path: tuple[Any, ...], tensor: torch.Tensor) -> torch.Tensor:

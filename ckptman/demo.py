@@ -10,8 +10,9 @@ the rows.
 from __future__ import annotations
 
 import pickle
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -63,10 +64,14 @@ def describe_policy() -> list[str]:
     """The policy in words, printed before training so the table that follows makes sense."""
     p = POLICY
     return [
-        f"save every {p['save_interval_steps']} steps; evaluate every {EVAL_EVERY} "
-        f"(a new top-{p['keep_best']} {METRIC} is saved off-interval too)",
-        f"keep: latest, last {p['keep_last']}, every {p['keep_every']}th step, "
-        f"best {p['keep_best']} by {METRIC} (lower is better)",
+        (
+            f"save every {p['save_interval_steps']} steps; evaluate every {EVAL_EVERY} "
+            f"(a new top-{p['keep_best']} {METRIC} is saved off-interval too)"
+        ),
+        (
+            f"keep: latest, last {p['keep_last']}, every {p['keep_every']}th step, "
+            f"best {p['keep_best']} by {METRIC} (lower is better)"
+        ),
     ]
 
 

@@ -28,6 +28,7 @@ import datetime
 import enum
 import numbers
 import pickle
+import sys
 from typing import Any, Callable, Iterator, Protocol, TypeVar
 
 from ckptman.errors import (
@@ -259,6 +260,8 @@ def coordinator(process_group: Any = None, timeout: datetime.timedelta | None = 
     """TorchDistributed when a process group is given or the default one is initialized, else SingleProcess."""
     if process_group is THIS_PROCESS:
         return ThisProcessOnly()
+    if process_group is None and "torch.distributed" not in sys.modules:
+        return SingleProcess()  # no process group can be initialised yet; not importing torch saves ~1 s (ckptman ls)
     try:
         import torch.distributed as dist
     except ImportError:  # pragma: no cover - torch built without distributed

@@ -23,8 +23,6 @@ import os
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
-import torch
-
 from ckptman.errors import MissingKeysError, PublishTargetError, WrongCheckpointKindError
 from ckptman.kinds import Place, StateFile, loading_call
 from ckptman.manifest import Manifest
@@ -122,6 +120,8 @@ def select(state: Any, keys: tuple[str, ...] | None, name: str) -> Any:
 
 def publish(request: Request, load_verified: Callable[[], tuple[Manifest, Any]]) -> str:
     """Load, trim, serialize, write once; returns the file's URL. Nothing is written if any step fails."""
+    import torch  # only publishing serializes: importing ckptman stays fast
+
     manifest, state = load_verified()
     buffer = io.BytesIO()
     torch.save(select(state, request.keys, manifest.name), buffer)

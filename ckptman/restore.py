@@ -7,8 +7,6 @@ import threading
 import warnings
 from typing import IO, Any, Callable, Sequence, TypeVar
 
-import torch
-
 from ckptman.errors import CheckpointNotFoundError, CheckpointWarning, CorruptCheckpointError, ManifestError, UnsafeCheckpointError
 from ckptman.manifest import FileEntry, Manifest
 
@@ -34,6 +32,8 @@ def save_state(state: Any, target: IO[bytes]) -> None:
     restored right after; a ``torch.save`` on another thread meanwhile also
     skips CRC32 and stays loadable.
     """
+    import torch  # here, not at the top: reading a directory (ckptman ls) needs no torch
+
     try:
         from torch.utils.serialization import config
     except ImportError:  # torch without the switch: CRC32 is computed, nothing else changes
@@ -50,6 +50,8 @@ def save_state(state: Any, target: IO[bytes]) -> None:
 
 def load_state(manifest: Manifest, path: str, map_location: Any, weights_only: bool) -> Any:
     """``torch.load`` of a verified file, memory-mapped: its pages were just read by the checksum pass."""
+    import torch
+
     try:
         return torch.load(path, map_location=map_location, weights_only=weights_only, mmap=True)
     except pickle.UnpicklingError as exc:
