@@ -53,7 +53,11 @@ def _open_filesystem(url: str, storage_options: Mapping[str, Any]) -> tuple[fssp
     except ImportError as exc:
         protocol = url.split("://", 1)[0]
         extra = _EXTRAS.get(protocol)
-        hint = f"pip install 'ckptman[{extra}]'" if extra else "install the fsspec implementation for it"
+        hint = (  # ckptman is not on a package index: name what installs today
+            f"pip install {extra}fs (or, from a ckptman checkout, pip install -e '.[{extra}]')"
+            if extra
+            else "install the fsspec implementation for it"
+        )
         raise UnsupportedProtocolError(f"the {protocol!r} protocol needs a package that is not installed: {hint} ({exc})") from exc
     except ValueError as exc:
         if "Protocol not known" in str(exc):
