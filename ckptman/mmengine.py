@@ -52,7 +52,7 @@ from ckptman.distributed import THIS_PROCESS
 from ckptman.errors import CheckpointError, CheckpointNotFoundError, PolicyConfigError
 from ckptman.manager import CheckpointManager
 from ckptman.plainstate import Codec, decode, encode
-from ckptman.policy.best import Metric, enters_top_k
+from ckptman.policy.best import Metric, coerce_metrics, enters_top_k
 from ckptman.record import CheckpointRecord
 
 __all__ = ["SCHEME", "CkptmanCheckpointHook", "load_from_ckptman"]
@@ -242,13 +242,12 @@ class CkptmanCheckpointHook(CheckpointHook):
         step = runner.iter
         if step in mgr.all_steps():
             mgr.report(step, scores)
-        else:
-            candidate = CheckpointRecord(step, "candidate", {k: float(v) for k, v in scores.items()})
-            records = [mgr.record(s) for s in mgr.all_steps()]
-            if not any(enters_top_k(records, m, 1, candidate) for m in self._tracked()):
-                return
+            self._publish_progress(runner)
+            return
+        candidate = CheckpointRecord(step, "candidate", coerce_metrics(scores))
+        records = [mgr.record(s) for s in mgr.all_steps()]
+        if any(enters_top_k(records, m, 1, candidate) for m in self._tracked()):
             self._save(runner, step=step, epoch=runner.epoch, metrics=scores)
-        self._publish_progress(runner)
 
     def after_train(self, runner: Any) -> None:
         """``published_keys``: the last and the best checkpoints, trimmed to those keys, as standalone ``.pth`` files."""
