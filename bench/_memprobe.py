@@ -2,7 +2,9 @@
 
     python bench/_memprobe.py CONTENDER --mib 256 --tensors 4 --dir /tmp/x
 
-CONTENDER is one of: torch_save, ckptman_sync, ckptman_async, dcp_async.
+CONTENDER is one of: torch_save, ckptman_sync, ckptman_async, dcp_async; with
+``--endpoint http://127.0.0.1:PORT`` (an S3 server, bucket ckptman-bench) also
+torch_s3 (torch.save into an s3fs file) and ckptman_s3 (a synchronous save there).
 
 The state is built and a tiny warm-up save is done first (imports, lazy
 initialisation, thread pools), then the RSS baseline is taken and the one
@@ -66,9 +68,43 @@ def maxrss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
-def saver(kind: str, base: str):
+def saver(kind: str, base: str, endpoint: str | None = None):
     """A function ``save(state, n)`` doing one complete save (returns when durable)."""
     import torch
+
+    if kind in ("torch_s3", "ckptman_s3"):
+        import uuid
+
+        import fsspec
+        from _common import BUCKET, s3_options
+
+        from ckptman import CheckpointManager
+
+        os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
+        opts = s3_options(endpoint or "")
+        fs = fsspec.filesystem("s3", **opts)
+        prefix = f"{BUCKET}/{uuid.uuid4().hex}"
+        if kind == "torch_s3":
+
+            def save(state, n):
+                with fs.open(f"{prefix}/t{n}/state.pt", "wb") as f:
+                    torch.save(state, f)
+
+            save.close = lambda: fs.rm(prefix, recursive=True)  # type: ignore[attr-defined]
+            return save
+        mgr = CheckpointManager(f"s3://{prefix}/run", storage_options=opts, progress=False)
+
+        def save(state, n):
+            if not mgr.save(n, state, force=True):
+                raise RuntimeError("save() returned False")
+            mgr.delete(n)
+
+        def close() -> None:
+            mgr.close()
+            fs.rm(prefix, recursive=True)
+
+        save.close = close  # type: ignore[attr-defined]
+        return save
 
     if kind == "torch_save":
 
@@ -115,7 +151,8 @@ def saver(kind: str, base: str):
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("contender", choices=("torch_save", "ckptman_sync", "ckptman_async", "dcp_async"))
+    parser.add_argument("contender", choices=("torch_save", "ckptman_sync", "ckptman_async", "dcp_async", "torch_s3", "ckptman_s3"))
+    parser.add_argument("--endpoint", help="S3 endpoint for torch_s3 / ckptman_s3")
     parser.add_argument("--mib", type=int, required=True)
     parser.add_argument("--tensors", type=int, default=4)
     parser.add_argument("--dir", required=True)
@@ -125,7 +162,7 @@ def main() -> None:
     base = tempfile.mkdtemp(prefix=f"{args.contender}-", dir=args.dir)
 
     try:
-        save = saver(args.contender, base)
+        save = saver(args.contender, base, args.endpoint)
         save(make_state(1, 2, seed=1), 0)  # warm-up: imports, thread pools, first-call costs
     except Exception as exc:  # noqa: BLE001
         key = "na" if is_not_implemented(exc) else "error"

@@ -23,10 +23,14 @@ from typing import Any, Callable, cast
 from fsspec.asyn import sync
 
 MiB = 2**20
-PART_SIZE = 16 * MiB
-"""Part size unless the filesystem's block size is smaller (S3 accepts parts down to 5 MiB)."""
+PART_SIZE = 8 * MiB
+"""Part size unless the filesystem's block size is smaller (S3 accepts parts down to 5 MiB).
+
+Small enough that the parts in flight, and botocore's copy of each, stay under
+a tenth of a 1 GiB state; large enough that the requests' fixed cost is small.
+"""
 IN_FLIGHT = 4
-"""Parts uploading at once: enough to keep a server's cores busy, bounded so memory stays small."""
+"""Parts uploading at once: several connections on a slow link; bounded so memory stays small."""
 _MIN_PART = 5 * MiB
 _MAX_PART = 5 * 1024 * MiB
 _PARTS_PER_SIZE = 1000  # the part size doubles every 1000 parts: S3 allows 10,000 parts per upload

@@ -31,7 +31,7 @@ from typing import IO, Any, Callable, Mapping, TypeVar
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from ckptman import multipart
+from ckptman import multipart, prefetch
 from ckptman.conditional import CompareAndSwap, Versioned, precondition_failed, versions_for
 from ckptman.errors import (
     BucketNotFoundError,
@@ -149,11 +149,19 @@ class Storage:
             result[rel] = data
         return result
 
-    def read_file(self, rel: str, consume: Callable[[IO[bytes]], T]) -> T:
-        """Open a file and let ``consume`` read it; the whole read is retried on a transient error."""
+    def read_file(self, rel: str, consume: Callable[[IO[bytes]], T], size: int | None = None) -> T:
+        """Open a file and let ``consume`` read it; the whole read is retried on a transient error.
+
+        With the expected ``size`` (from a manifest), async backends fetch the
+        next ranges while ``consume`` reads (:mod:`ckptman.prefetch`).
+        """
+        path = self.path(rel)
 
         def attempt() -> T:
-            with self.fs.open(self.path(rel), "rb") as f:
+            if size and prefetch.can_prefetch(self.fs):
+                with prefetch.RangeReader(self.fs, path, size) as reader:
+                    return consume(reader)  # type: ignore[arg-type]
+            with self.fs.open(path, "rb") as f:
                 return consume(f)
 
         return self._guard("read", rel, attempt)

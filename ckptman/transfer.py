@@ -205,7 +205,7 @@ def download_verified(
             return _hash_stream(source, sink, callback)
 
     try:
-        size, actual = storage.read_file(rel, consume)
+        size, actual = storage.read_file(rel, consume, entry.size)
     except FileNotFoundError as exc:
         raise _missing(storage, rel) from exc
     _check(storage, rel, entry, size, actual)

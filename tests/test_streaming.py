@@ -20,7 +20,7 @@ import torch
 import xxhash
 from conftest import Backend
 
-from ckptman import CheckpointManager, RetryPolicy
+from ckptman import CheckpointManager, CorruptCheckpointError, RetryPolicy
 from ckptman.manifest import MANIFEST_NAME, Manifest
 from ckptman.multipart import IN_FLIGHT, PartUpload, opener_for
 from ckptman.storage import Storage
@@ -113,3 +113,14 @@ def test_parts_in_flight_are_bounded(s3_like: Backend) -> None:
         upload.discard()
     assert 0 < most <= IN_FLIGHT
     assert open_uploads(s3_like) == []
+
+
+def test_a_payload_that_grew_after_the_commit_fails_verification(s3_like: Backend) -> None:
+    """The ranged download asks for one byte past the manifest's size, so extra bytes are a mismatch too."""
+    with CheckpointManager(s3_like.url, storage_options=options(s3_like)) as mgr:
+        assert mgr.save(1, {"w": torch.zeros(PAYLOAD // 4)}, force=True)
+        fs = fresh_fs(s3_like)
+        path = f"{s3_like.path}/{mgr.checkpoint_path(1).rsplit('/', 1)[1]}/state.pt"
+        fs.pipe_file(path, fs.cat_file(path) + b"appended")
+        with pytest.raises(CorruptCheckpointError, match="size mismatch"):
+            mgr.restore(1)
