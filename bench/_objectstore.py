@@ -41,11 +41,14 @@ class ChildServer:
             raise RuntimeError(f"_s3server.py {' '.join(args)} did not start (exit code {self.proc.returncode})")
         self.port: int = json.loads(line)["port"]
 
-    def stats(self) -> dict[str, int]:
+    def ask(self, what: str) -> dict[str, Any]:
         assert self.proc.stdin and self.proc.stdout
-        self.proc.stdin.write("stats\n")
+        self.proc.stdin.write(f"{what}\n")
         self.proc.stdin.flush()
         return json.loads(self.proc.stdout.readline())
+
+    def stats(self) -> dict[str, Any]:
+        return self.ask("stats")
 
     def stop(self) -> None:
         if self.proc.stdin:
@@ -64,8 +67,9 @@ class Server:
     def __init__(self, name: str, cfg: Config) -> None:
         import fsspec
 
-        self.name, self.proxy = name, None
+        self.name, self.proxy, self.weed = name, None, None
         self.children: list[ChildServer] = []
+        self.cpu: dict[str, list[tuple[float, float]]] = {}  # label -> (client, server) CPU seconds per run
         if name == "s3":
             moto = self._start(["moto"])
             self.proxy = self._start(
@@ -73,8 +77,8 @@ class Server:
             )
             direct_port, port = moto.port, self.proxy.port
         else:
-            weed = self._start(["seaweedfs", "--dir", cfg.base])
-            direct_port = port = weed.port
+            self.weed = self._start(["seaweedfs", "--dir", cfg.base])
+            direct_port = port = self.weed.port
         self.direct_opts = s3_options(f"http://127.0.0.1:{direct_port}")
         self.direct = fsspec.filesystem("s3", skip_instance_cache=True, **self.direct_opts)
         if name == "s3":
@@ -99,6 +103,29 @@ class Server:
             self.direct.rm(prefix, recursive=True)
         self.direct.invalidate_cache()
         self.fs.invalidate_cache()
+
+    @contextlib.contextmanager
+    def metered(self, label: str) -> Iterator[None]:
+        """Record the client's and (SeaweedFS) the server's CPU seconds over the timed region."""
+        if self.weed is None:
+            yield
+            return
+        client, server = os.times(), self.weed.ask("cpu")["cpu"]
+        yield
+        after = os.times()
+        used = after.user - client.user + after.system - client.system
+        self.cpu.setdefault(label, []).append((used, self.weed.ask("cpu")["cpu"] - server))
+
+    def cpu_note(self, labels: list[str]) -> str | None:
+        """'client / server CPU s per run' of the labels measured, medians; None without a server meter."""
+        import statistics
+
+        parts = [
+            f"{label} {statistics.median(c for c, _ in runs):.2f} / {statistics.median(s for _, s in runs):.2f} s"
+            for label in labels
+            if (runs := self.cpu.get(label))
+        ]
+        return "CPU per run, client / server process (median): " + "; ".join(parts) if parts else None
 
     def stop(self) -> None:
         for child in reversed(self.children):
@@ -142,7 +169,14 @@ class OpenManager:
 
 
 def _group(key: str, server: Server, title: str) -> Group:
+    server.cpu.clear()
     return Group(key, f"{title} ({server.label})")
+
+
+def _cpu_note(group: Group, server: Server, labels: list[str]) -> None:
+    note = server.cpu_note(labels)
+    if note:
+        group.notes.append(note)
 
 
 # --------------------------------------------------------------------------- #
@@ -180,9 +214,10 @@ def directory_upload(cfg: Config, server: Server, key: str, count: int, size: in
         timing: dict[str, float] = {}
 
         def call() -> None:
-            t0 = time.perf_counter()
-            fs.put(src + "/", prefix, recursive=True)
-            timing[label] = time.perf_counter() - t0
+            with server.metered(label if len(data) > 1 else "warm-up"):
+                t0 = time.perf_counter()
+                fs.put(src + "/", prefix, recursive=True)
+                timing[label] = time.perf_counter() - t0
 
         try:
             counted(label, call) if len(data) > 1 else call()
@@ -201,8 +236,11 @@ def directory_upload(cfg: Config, server: Server, key: str, count: int, size: in
             t0 = time.perf_counter()
             with mgr.save_directory(step) as folder:
                 write_files(folder, data)
+                meter = server.metered("ckptman upload+commit" if len(data) > 1 else "warm-up")
+                meter.__enter__()
                 t1 = time.perf_counter()
             t2 = time.perf_counter()
+            meter.__exit__(None, None, None)
             timing.update({"ckptman upload+commit": t2 - t1, "  ckptman whole block": t2 - t0})
 
         counted("ckptman", call) if len(data) > 1 else call()
@@ -227,6 +265,7 @@ def directory_upload(cfg: Config, server: Server, key: str, count: int, size: in
         run_interleaved(group, contenders, cfg.repeats)
     finally:
         scratch.clean()
+    _cpu_note(group, server, ["s3fs put", "ckptman upload+commit"])
     group.notes.append(
         f"{count} files of {size / MiB:g} MiB; s3fs put = fs.put(local_dir, prefix, recursive=True) of files written "
         "(untimed) just before; upload+commit = from the end of writing the same files inside "
@@ -318,18 +357,21 @@ def state_save(cfg: Config, server: Server, key: str, mib: int, repeats: int) ->
     def plain(s: dict) -> dict[str, float]:
         prefix = server.prefix()
         try:
-            t0 = time.perf_counter()
-            with server.fs.open(f"{prefix}/state.pt", "wb") as f:
-                torch.save(s, f)
-            return {"torch.save into s3fs file": time.perf_counter() - t0}
+            with server.metered("torch.save into s3fs file" if s is state else "warm-up"):
+                t0 = time.perf_counter()
+                with server.fs.open(f"{prefix}/state.pt", "wb") as f:
+                    torch.save(s, f)
+                elapsed = time.perf_counter() - t0
+            return {"torch.save into s3fs file": elapsed}
         finally:
             server.remove(prefix)
 
     def save(s: dict) -> dict[str, float]:
         step = ck.next_step()
-        t0 = time.perf_counter()
-        ok = ck.mgr.save(step, s, force=True)
-        elapsed = time.perf_counter() - t0
+        with server.metered("ckptman save" if s is state else "warm-up"):
+            t0 = time.perf_counter()
+            ok = ck.mgr.save(step, s, force=True)
+            elapsed = time.perf_counter() - t0
         if not ok or ck.mgr.all_steps() != [step]:
             raise RuntimeError(f"save({step}) returned {ok}; committed steps {ck.mgr.all_steps()}")
         ck.mgr.delete(step)
@@ -340,6 +382,7 @@ def state_save(cfg: Config, server: Server, key: str, mib: int, repeats: int) ->
         Contender(["ckptman save"], lambda rep: save(state), setup=lambda: (ck.open(), save(tiny)) and None, teardown=ck.close),
     ]
     run_interleaved(group, contenders, repeats)
+    _cpu_note(group, server, ["torch.save into s3fs file", "ckptman save"])
     group.notes.append(
         f"{cfg.n_tensors} float32 tensors; torch.save(state, f) into fs.open(path, 'wb') (s3fs's buffered file: "
         "50 MiB parts, each uploaded while serialization waits); ckptman save = mgr.save(step, state) to commit: "

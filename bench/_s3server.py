@@ -9,7 +9,8 @@ process's GIL (a ThreadedMotoServer or NetProxy started in-process would).
 
 Prints one JSON line ``{"port": N}`` when ready, then serves until stdin is
 closed (the parent closes it, or dies).  The proxy answers a line ``stats``
-on stdin with one JSON line of its counters.
+on stdin with one JSON line of its counters, SeaweedFS a line ``cpu`` with the
+CPU seconds its server process has used.
 """
 
 from __future__ import annotations
@@ -105,6 +106,13 @@ def start_seaweedfs(parent: str | None) -> tuple[subprocess.Popen, list[int], st
     raise RuntimeError("SeaweedFS did not start")
 
 
+def process_cpu(pid: int) -> float:
+    """User + system CPU seconds a process has used so far (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("role", choices=("moto", "seaweedfs", "proxy"))
@@ -146,6 +154,8 @@ def main() -> None:
                 st = proxy.stats
                 print(json.dumps({"requests": st.requests, "connections": st.connections,
                                   "bytes_to_upstream": st.bytes_to_upstream}), flush=True)
+            elif line.strip() == "cpu" and args.role == "seaweedfs":
+                print(json.dumps({"cpu": process_cpu(weed.pid)}), flush=True)
     finally:
         stop()
 
