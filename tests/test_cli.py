@@ -315,6 +315,27 @@ def test_unknown_protocol(tmp_path: Path) -> None:
     assert result.code == 2 and result.err.startswith("ckptman: error: unknown storage protocol 'nosuchproto'")
 
 
+def test_every_warning_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    """ckptman's warnings, other libraries' and the ckptman logger's all read ``ckptman: warning: ...``."""
+    import logging
+    import warnings
+
+    from ckptman import CheckpointWarning, LeaseWarning
+    from ckptman.cli.output import reporting
+
+    with reporting():
+        warnings.warn("a repair", CheckpointWarning, stacklevel=1)
+        warnings.warn("a takeover", LeaseWarning, stacklevel=1)
+        warnings.warn("old API", FutureWarning, stacklevel=1)
+        logging.getLogger("ckptman").warning("rebuilt %s", "the sidecar")
+    assert capsys.readouterr().err.splitlines() == [
+        "ckptman: warning: a repair",
+        "ckptman: warning: a takeover",
+        "ckptman: warning: FutureWarning: old API",
+        "ckptman: warning: rebuilt the sidecar",
+    ]
+
+
 def test_resumed_training_matches_an_uninterrupted_run(tmp_path: Path) -> None:
     from ckptman.cli import main
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import os
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -125,3 +127,11 @@ def test_storage_options_parse_json_and_nest() -> None:
         "client_kwargs": {"endpoint_url": "http://localhost:9000", "region_name": "eu-west-1"},
         "block_size": 1024,
     }
+
+
+def test_a_missing_s3fs_names_what_installs_it() -> None:
+    """``pip install 'ckptman[s3]'`` does not work while ckptman is on no package index; the message says what does."""
+    code = "import sys; sys.modules['s3fs'] = None; import ckptman.cli; sys.exit(ckptman.cli.main(['ls', 's3://bucket/run']))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 2
+    assert "pip install s3fs (or, from a ckptman checkout, pip install -e '.[s3]')" in done.stderr
