@@ -216,6 +216,12 @@ def test_restore_any_kind_verified(backend: Any, tmp_path: Path) -> None:
     again = ckptman("restore", backend.url, "40", "--to", str(state_dir))
     assert again.code == 2 and "not an empty directory" in again.err
 
+    with CheckpointManager(backend.url, **POLICY) as mgr:
+        mgr.save(60, {"w": torch.arange(4.0)}, sharded=True, force=True)
+    sharded = ckptman("restore", backend.url, "60", "--to", str(tmp_path / "dcp"), "--json").json()
+    assert sharded["kind"] == "sharded" and ".metadata" in [f["path"] for f in sharded["files"]]
+    assert all((tmp_path / "dcp" / f["path"]).stat().st_size == f["size"] for f in sharded["files"])
+
 
 @both
 def test_publish_keys_through_mgr_publish(backend: Any, tmp_path: Path) -> None:
