@@ -394,6 +394,7 @@ def failing_skips(fail: bool, because: str = f"{REQUIRE_OPTION} is set") -> Iter
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
+    """Register the ini option ``ckptman_require_emulators`` (``-o`` sets it on the command line)."""
     parser.addini(
         REQUIRE_OPTION,
         type="bool",
