@@ -194,6 +194,15 @@ def test_readme_example_runs_and_resumes(runs: dict[str, Future[list[str]]]) -> 
     assert re.search(r"^trained steps 501\.\.1000\b", second, re.MULTILINE), second
 
 
+def test_api_reference_lists_all_of_ckptman_testing() -> None:
+    """docs/api.md names ckptman.testing's members one by one (fixtures first):
+    a new public name must be added there too."""
+    import ckptman.testing
+
+    api = (ROOT / "docs" / "api.md").read_text()
+    assert [n for n in ckptman.testing.__all__ if f"        - {n}\n" not in api] == []
+
+
 def test_blocks_follow_the_rules(tmp_path: Path) -> None:
     page = tmp_path / "page.md"
     page.write_text(
