@@ -201,3 +201,10 @@ def test_gcs_works_when_gcsfs_was_imported_first(pytester: pytest.Pytester, monk
     )
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", timeout=120)
     result.assert_outcomes(passed=1)
+
+
+def test_the_plugin_can_be_disabled_by_name(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_user="def test_s3(ckptman_s3):\n    pass\n")
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-p", "no:ckptman", timeout=120)
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["*fixture 'ckptman_s3' not found*"])
