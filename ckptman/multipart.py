@@ -5,8 +5,9 @@ waits for it: ``torch.save`` into an s3fs file serializes, stops, uploads 50
 MiB, serializes again. Here every full part is handed to fsspec's event loop
 at once and the producer goes on filling the next one; at most
 ``IN_FLIGHT`` parts are on their way, so memory stays ``(IN_FLIGHT + 1) x
-part size`` whatever the file's size. A file that fits in one part is one
-``PutObject``, as with s3fs.
+part size`` whatever the file's size. A file up to ``SINGLE_PUT_LIMIT``
+(32 MiB, or the filesystem's block size if smaller) is one ``PutObject``, as
+with s3fs below its block size.
 
 Nothing becomes visible before :meth:`PartUpload.close` completes the
 upload; :meth:`PartUpload.discard` aborts it (no parts left billed). Used only
@@ -31,6 +32,9 @@ a tenth of a 1 GiB state; large enough that the requests' fixed cost is small.
 """
 IN_FLIGHT = 4
 """Parts uploading at once: several connections on a slow link; bounded so memory stays small."""
+SINGLE_PUT_LIMIT = IN_FLIGHT * PART_SIZE
+"""Files up to this size (or the filesystem's block size, if smaller) are one PutObject, as with s3fs:
+a multipart upload costs two more requests, and some servers (moto) copy every part again on completion."""
 _MIN_PART = 5 * MiB
 _MAX_PART = 5 * 1024 * MiB
 _PARTS_PER_SIZE = 1000  # the part size doubles every 1000 parts: S3 allows 10,000 parts per upload
@@ -40,20 +44,24 @@ def opener_for(fs: Any) -> Callable[[str], PartUpload] | None:
     """How to open a concurrent upload on ``fs``, or None where fsspec's own file is used (not S3)."""
     if not (hasattr(fs, "_call_s3") and hasattr(fs, "split_path")):
         return None
-    part_size = max(_MIN_PART, min(PART_SIZE, int(getattr(fs, "default_block_size", PART_SIZE) or PART_SIZE)))
-    return lambda path: PartUpload(fs, path, part_size)
+    block = int(getattr(fs, "default_block_size", 0) or SINGLE_PUT_LIMIT)
+    part_size = max(_MIN_PART, min(PART_SIZE, block))
+    single_put_limit = max(part_size, min(SINGLE_PUT_LIMIT, block))
+    return lambda path: PartUpload(fs, path, part_size, single_put_limit)
 
 
 class PartUpload:
     """A write-only file on S3: parts uploaded concurrently, published by :meth:`close`, aborted by :meth:`discard`."""
 
-    def __init__(self, fs: Any, path: str, part_size: int) -> None:
+    def __init__(self, fs: Any, path: str, part_size: int, single_put_limit: int) -> None:
         self._fs = fs
         self._path = path
         self._bucket, self._key, _ = fs.split_path(path)
         self._part_size = part_size
+        self._single_put_limit = single_put_limit
         self._chunks: list[bytes] = []  # the part being filled
         self._filled = 0
+        self._held: list[bytes] = []  # full parts kept back while the file may still be one PUT
         self._upload_id: str | None = None
         self._parts: dict[int, Future[dict[str, Any]]] = {}
         self._running: set[Future[dict[str, Any]]] = set()
@@ -68,9 +76,9 @@ class PartUpload:
         view = memoryview(data).cast("B")
         written = 0
         while written < view.nbytes:
-            if self._filled >= self._size_of(len(self._parts) + 1):
-                self._send_part()  # only once more bytes come: a file of exactly one part stays one PUT
-            piece = view[written : written + self._size_of(len(self._parts) + 1) - self._filled]
+            if self._filled >= self._size_of(self._number()):
+                self._part_full()  # only once more bytes come: a file of exactly the limit stays one PUT
+            piece = view[written : written + self._size_of(self._number()) - self._filled]
             whole = isinstance(view.obj, bytes) and piece.nbytes == len(view.obj)
             self._chunks.append(cast(bytes, view.obj) if whole else bytes(piece))
             self._filled += piece.nbytes
@@ -91,10 +99,11 @@ class PartUpload:
         if self.closed:
             return
         if self._upload_id is None:
-            self._call("put_object", Body=self._take())
+            held, self._held = self._held, []
+            self._call("put_object", Body=b"".join([*held, self._take()]))
         else:
             if self._filled:
-                self._send_part()
+                self._send_part(self._take())
             done = [future.result() for _, future in sorted(self._parts.items())]
             self._call("complete_multipart_upload", UploadId=self._upload_id, MultipartUpload={"Parts": done})
         self.closed = True
@@ -103,7 +112,7 @@ class PartUpload:
     def discard(self) -> None:
         """Give up: stop the parts still uploading and abort the multipart upload, publishing nothing."""
         self.closed = True
-        self._chunks = []
+        self._chunks, self._held = [], []
         for future in self._parts.values():
             future.cancel()
         wait(list(self._parts.values()))
@@ -115,11 +124,25 @@ class PartUpload:
     def _size_of(self, number: int) -> int:
         return min(_MAX_PART, self._part_size << ((number - 1) // _PARTS_PER_SIZE))
 
-    def _send_part(self) -> None:
+    def _number(self) -> int:
+        """The number of the part being filled."""
+        return len(self._parts) + len(self._held) + 1
+
+    def _part_full(self) -> None:
+        """Hold the full part back while the file may still fit one PUT; else start or go on with the multipart upload."""
+        body = self._take()
+        if self._upload_id is None and sum(map(len, self._held)) + len(body) < self._single_put_limit:
+            self._held.append(body)
+            return
         if self._upload_id is None:
             self._upload_id = self._call("create_multipart_upload")["UploadId"]
+        held, self._held = self._held, []
+        for part in [*held, body]:
+            self._send_part(part)
+
+    def _send_part(self, body: bytes) -> None:
         number = len(self._parts) + 1
-        future = asyncio.run_coroutine_threadsafe(self._upload_part(number, self._take()), self._fs.loop)
+        future = asyncio.run_coroutine_threadsafe(self._upload_part(number, body), self._fs.loop)
         self._parts[number] = future
         self._running.add(future)
         self._wait_for_room()

@@ -27,16 +27,19 @@ def can_prefetch(fs: Any) -> bool:
 class RangeReader:
     """A read-only stream of an object whose size is known, fetched ``AHEAD`` ranges at a time.
 
-    The last range asks for one byte more than expected, so an object that
-    grew shows up as a size mismatch, as one that shrank does.
+    The last range asks for one byte more than expected (a small file is one
+    plain GET), so an object that grew shows up as a size mismatch, as one
+    that shrank does.
     """
 
     def __init__(self, fs: Any, path: str, size: int) -> None:
         self._fs, self._path = fs, path
-        self._ranges = deque((start, min(start + RANGE, size)) for start in range(0, size, RANGE))
-        if self._ranges:
-            start, _ = self._ranges.pop()
-            self._ranges.append((start, size + 1))
+        ranges: list[tuple[int | None, int | None]] = [(start, min(start + RANGE, size)) for start in range(0, size, RANGE)]
+        if len(ranges) > 1:
+            ranges[-1] = (ranges[-1][0], size + 1)
+        else:  # one range: a plain GET (some servers, moto, read the whole object for any ranged one)
+            ranges = [(None, None)]
+        self._ranges = deque(ranges)
         self._pending: deque[Future[bytes]] = deque()
         self._current = memoryview(b"")
         self._fill()
