@@ -85,7 +85,8 @@ def storage_options(url: str, args: argparse.Namespace) -> dict[str, Any]:
         if _lookup(options, parts) is not None:
             raise OptionError(f"{flag} and --storage-option {'.'.join(parts)} both set it; keep one")
         _put(options, parts, value, flag)
-    check_names(protocol, options)
+    if "::" not in url:  # a chained URL nests options per protocol; fsspec checks those
+        check_names(protocol, options)
     return with_timeouts(protocol, options)
 
 

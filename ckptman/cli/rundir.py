@@ -68,8 +68,16 @@ class RunDirectory:
 
     def manifest(self, step: int) -> Manifest:
         """A committed checkpoint's manifest as stored (what ``info`` shows)."""
-        path = f"{self.reader.checkpoint_path(step)}/{MANIFEST_NAME}"
-        return Manifest.from_bytes(_filesystem(self).cat_file(_strip(self, path)), path)
+        fs, root = self.filesystem()
+        name = self.reader.record(step).name
+        return Manifest.from_bytes(fs.cat_file(posixpath.join(root, name, MANIFEST_NAME)), f"{self.reader.directory}/{name}")
+
+    def filesystem(self) -> tuple[Any, str]:
+        """fsspec's filesystem and path of the directory (the manager's own instance, from fsspec's cache)."""
+        import fsspec.core
+
+        fs, path = fsspec.core.url_to_fs(self.url, **self.storage_options)
+        return fs, str(path).rstrip("/")
 
 
 def open_run(args: argparse.Namespace, *, must_exist: bool = True) -> RunDirectory:
@@ -85,8 +93,7 @@ def open_run(args: argparse.Namespace, *, must_exist: bool = True) -> RunDirecto
 
 
 def _check_is_run_directory(run: RunDirectory) -> None:
-    fs = _filesystem(run)
-    path = _strip(run, run.reader.directory)
+    fs, path = run.filesystem()
     url = run.reader.directory
     if fs.exists(posixpath.join(path, MANIFEST_NAME)):
         parent = url.rsplit("/", 1)[0]
@@ -99,12 +106,3 @@ def _check_is_run_directory(run: RunDirectory) -> None:
             f"it holds {SIDECAR_NAME} and one folder per checkpoint)"
         )
 
-
-def _filesystem(run: RunDirectory) -> Any:
-    import fsspec.core
-
-    return fsspec.core.url_to_fs(run.url, **run.storage_options)[0]
-
-
-def _strip(run: RunDirectory, url: str) -> str:
-    return str(_filesystem(run)._strip_protocol(url))
