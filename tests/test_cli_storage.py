@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_cli import ckptman, storage_flags
+from test_cli import ckptman, storage_flags, write_run
 
 from ckptman.cli import options
 
@@ -135,3 +135,14 @@ def test_a_missing_s3fs_names_what_installs_it() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 2
     assert "pip install s3fs (or, from a ckptman checkout, pip install -e '.[s3]')" in done.stderr
+
+
+def test_gcs_through_the_shortcuts(gcs_backend: Any) -> None:
+    """``--endpoint-url`` and ``--anon`` spelled for gcsfs (``endpoint_url``, ``token=anon``), with its bounded timeout."""
+    write_run(gcs_backend)
+    endpoint = gcs_backend.storage_options["endpoint_url"]
+    flags = ["--endpoint-url", endpoint, "--anon", "--storage-option", f"project={gcs_backend.storage_options['project']}"]
+    listed = ckptman("ls", gcs_backend.url, "--json", *flags).json()
+    assert [c["step"] for c in listed["checkpoints"]] == [20, 30, 40]
+    profile = ckptman("ls", gcs_backend.url, "--profile", "dev", *flags)
+    assert profile.code == 2 and "GOOGLE_APPLICATION_CREDENTIALS" in profile.err
