@@ -98,20 +98,24 @@ class CkptmanCallback(transformers.TrainerCallback):
         self._downloads: list[str] = []
         self._stage_for_resume = bool(stage_for_resume)
         self._staged: str | None = None  # output_dir/checkpoint-<step> staged in on_init_end
+        self._trained = False  # on_train_end ran: the lease is released, reads reopen read-only
 
     # -- the manager ---------------------------------------------------------------
     @property
     def manager(self) -> CheckpointManager:
-        """The manager of ``directory``: writable on the main process, read-only elsewhere (after ``on_init_end``)."""
+        """The manager of ``directory``: writable on the main process during training (from ``on_init_end``
+        to ``on_train_end``, which releases the lease), read-only elsewhere and afterwards."""
         if self._mgr is None:
             if not self._manager_args:
                 raise PolicyConfigError("CkptmanCallback has no TrainingArguments yet: pass it to Trainer(callbacks=[...])")
-            self._mgr = CheckpointManager(self._url, read_only=not self._main, **self._manager_args)
+            writable = self._main and not self._trained
+            self._mgr = CheckpointManager(self._url, read_only=not writable, **self._manager_args)
         return self._mgr
 
     def on_init_end(self, args: transformers.TrainingArguments, state: transformers.TrainerState, control: Any, **kwargs: Any) -> None:
         """TrainingArguments become the manager's policy; opened here so ``latest_checkpoint()`` works before ``train``."""
         self._main = bool(state.is_world_process_zero)
+        self._trained = False
         self._manager_args = {"storage_options": self._storage_options, **_policy(args, self._keep_last, self._keep_every)}
         self._manager_args.update(lease_timeout=self._lease_timeout, process_group=THIS_PROCESS)
         self.manager  # noqa: B018  (fail at construction on a bad URL or a locked directory)
@@ -210,6 +214,7 @@ class CkptmanCallback(transformers.TrainerCallback):
             if self._mgr is not None:
                 self._mgr.close()
                 self._mgr = None
+            self._trained = True
 
 
 def _policy(args: transformers.TrainingArguments, keep_last: int | None, keep_every: int | None) -> dict[str, Any]:

@@ -162,6 +162,10 @@ def test_resume_from_checkpoint_true_with_a_local_directory_stages_hard_links(lo
     trainer.train(resume_from_checkpoint=True)
     assert trainer.state.global_step == 6 and local_checkpoints(out) == []
     assert reader(local_backend).all_steps() == [4, 6]
+    # Read after training: a read-only view; the lease released at the end is not taken again.
+    assert callback.manager.all_steps() == [4, 6]
+    with CheckpointManager(local_backend.url) as writer:
+        assert writer.latest_step() == 6
 
 
 def test_resume_falls_back_past_a_corrupted_latest_and_removes_it(local_backend: Backend, tmp_path: Path) -> None:
