@@ -114,7 +114,8 @@ class BackgroundWriter:
             return
         error = pending.exception()
         if error is not None:
-            error.add_note(f"ckptman: raised by the background save of step {record.step if record else '?'}")
+            if hasattr(error, "add_note"):  # Python 3.11+; 3.10 raises it without the note
+                error.add_note(f"ckptman: raised by the background save of step {record.step if record else '?'}")
             raise error
 
     def raise_if_failed(self) -> None:
