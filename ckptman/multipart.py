@@ -94,6 +94,12 @@ class PartUpload:
         wait(self._running)
         self._wait_for_room()
 
+    def finish_parts(self) -> None:
+        """Send the last part of a multipart upload and wait for every part: all :meth:`close` has left is the completion."""
+        if self._upload_id is not None and self._filled:
+            self._send_part(self._take())
+        wait(list(self._parts.values()))
+
     def close(self) -> None:
         """Upload what is left and complete the upload: the file becomes visible now, whole."""
         if self.closed:
@@ -102,8 +108,7 @@ class PartUpload:
             held, self._held = self._held, []
             self._call("put_object", Body=b"".join([*held, self._take()]))
         else:
-            if self._filled:
-                self._send_part(self._take())
+            self.finish_parts()
             done = [future.result() for _, future in sorted(self._parts.items())]
             self._call("complete_multipart_upload", UploadId=self._upload_id, MultipartUpload={"Parts": done})
         self.closed = True

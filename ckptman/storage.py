@@ -203,14 +203,16 @@ class Storage:
         return self.path(rel) if self.is_local else None
 
     # -- writes --------------------------------------------------------------
-    def write_file(self, rel: str, produce: Callable[[IO[bytes]], T]) -> T:
+    def write_file(self, rel: str, produce: Callable[[IO[bytes]], T], stopped: Callable[[], bool] | None = None) -> T:
         """Let ``produce`` write a payload file; durable (local: fsynced) when this returns.
 
         On a transient storage error the whole file is written again, so
         ``produce`` must be repeatable (``torch.save`` of in-memory state is).
         Payload files live in a folder that is not committed yet, so they need
         no temporary name: without the manifest the folder does not count.
-        On object stores a failed upload is aborted, never published part-way.
+        On object stores a failed upload is aborted, never published part-way,
+        and so is one whose caller gave up (``stopped()`` true) while its last
+        bytes went up: ``UploadStopped`` then, and nothing is published.
         """
         path = self.path(rel)
 
@@ -226,7 +228,7 @@ class Storage:
             f = self._open_upload(path)
             try:
                 result = _run_producer(produce, f)
-                f.close()  # uploads the last part and completes the upload: its failure must abort too
+                _publish(f, stopped, rel)  # its failure must abort too
             except BaseException:
                 _abandon(f)
                 raise
@@ -382,10 +384,14 @@ class Storage:
         where = f"{self.url}/{rel}" if rel else self.url
         try:
             return self.retry.call(call, f"{action} {where}")
-        except (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, StorageError, _ProducerError):
+        except (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, StorageError, _ProducerError, UploadStopped):
             raise
         except Exception as exc:  # noqa: BLE001 - any backend's error, turned into one typed error
             raise StorageError(f"could not {action} {where}: {type(exc).__name__}: {exc}") from exc
+
+
+class UploadStopped(Exception):
+    """The caller gave up on an upload (a sibling failed, or it was interrupted): aborted, never published."""
 
 
 class _ProducerError(Exception):
@@ -432,6 +438,21 @@ def _run_producer(produce: Callable[[IO[bytes]], T], target: IO[bytes]) -> T:
         if tracked.failure is not None:
             raise tracked.failure  # noqa: B904 - the storage's own error is what the retry judges
         raise _ProducerError(exc) from exc
+
+
+def _publish(f: Any, stopped: Callable[[], bool] | None, rel: str) -> None:
+    """Complete an upload, unless the caller gave up while its last bytes went up.
+
+    A concurrent upload (:class:`ckptman.multipart.PartUpload`) sends its last
+    part and waits for every part first, so the question is asked just before
+    the completion makes the file visible.
+    """
+    finish = getattr(f, "finish_parts", None)
+    if finish is not None:
+        finish()
+    if stopped is not None and stopped():
+        raise UploadStopped(f"upload of {rel} stopped")
+    f.close()
 
 
 def _abandon(f: Any) -> None:

@@ -22,7 +22,7 @@ from ckptman.errors import CorruptCheckpointError
 from ckptman.manifest import FileEntry
 from ckptman import staging
 from ckptman.progress import DEFAULT_CALLBACK, Callback, Progress
-from ckptman.storage import Storage
+from ckptman.storage import Storage, UploadStopped
 
 ALGORITHM = "xxh3_128"
 T = TypeVar("T")
@@ -69,10 +69,12 @@ def write_stream(
     produce: Callable[[IO[bytes]], None],
     entry_path: str,
     callback: Callback = DEFAULT_CALLBACK,
+    stopped: Callable[[], bool] | None = None,
 ) -> FileEntry:
     """Let ``produce`` write a payload file (e.g. ``torch.save``), hashing as it goes.
 
-    A retried write starts over with a fresh hash.
+    A retried write starts over with a fresh hash; once ``stopped()`` is true
+    the upload is aborted rather than published (:meth:`Storage.write_file`).
     """
 
     def attempt(target: IO[bytes]) -> ChecksumWriter:
@@ -81,12 +83,8 @@ def write_stream(
         writer.flush()
         return writer
 
-    writer = storage.write_file(rel, attempt)
+    writer = storage.write_file(rel, attempt, stopped)
     return FileEntry(entry_path, writer.size, writer.checksum)
-
-
-class _Stopped(Exception):
-    """A sibling transfer failed or the caller was interrupted: this upload gives up and is aborted."""
 
 
 def upload_file(
@@ -102,13 +100,11 @@ def upload_file(
         with open(local_path, "rb") as source:
             while chunk := source.read(CHUNK):
                 if stop.is_set():
-                    raise _Stopped(f"upload of {local_path} stopped")
+                    raise UploadStopped(f"upload of {local_path} stopped")
                 writer.write(chunk)
-        writer.flush()  # parts still uploading land (S3: they go up while the file is read) ...
-        if stop.is_set():  # ... and a sibling that failed meanwhile still stops the completion
-            raise _Stopped(f"upload of {local_path} stopped")
 
-    return write_stream(storage, rel, copy, entry_path, callback)
+    # A sibling that fails while the last bytes go up still stops the completion.
+    return write_stream(storage, rel, copy, entry_path, callback, stop.is_set)
 
 
 def local_files(local_dir: str) -> list[str]:

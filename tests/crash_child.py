@@ -271,7 +271,7 @@ class Hook:
                 return original_remove(self, rel, recursive=recursive)
             return phase("delete", lambda: original_remove(self, rel, recursive=recursive), rel, mid_ok=False)
 
-        def write_file(self: Any, rel: str, produce: Callable[[Any], Any]) -> Any:
+        def write_file(self: Any, rel: str, produce: Callable[[Any], Any], stopped: Any = None) -> Any:
             when = hook.arm("payload")
             if when == "before":
                 die(hook.label(rel))
@@ -281,7 +281,7 @@ class Hook:
                 def produce(target: Any) -> Any:  # the same producer, cut short
                     return inner(_CutShort(target, int(hook.frac * payload_size(rel)), hook.label(rel)))
 
-            result = original_write_file(self, rel, produce)
+            result = original_write_file(self, rel, produce, stopped)
             if when == "after":
                 die(hook.label(rel))
             return result

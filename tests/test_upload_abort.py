@@ -30,6 +30,9 @@ from ckptman.transfer import CHUNK
 PART = 5 * 2**20  # s3fs's block size here: the smallest part S3 accepts
 FILE = 2 * CHUNK + 2**20  # ckptman writes CHUNK bytes at a time: parts of 8, 8 and 1 MiB
 LINK = 5 * 2**20  # bytes/s per connection and direction when throttled
+# An interrupt must land while the upload runs, even on a loaded machine where the thread that sends it lags
+# by a second: ckptman sends a file's parts over several connections at once, so throttle those harder.
+INTERRUPTED_LINK = 2**20
 ONCE = RetryPolicy(attempts=1)
 TWICE = RetryPolicy(attempts=2, initial_backoff=0.01, max_backoff=0.01)
 PART_UPLOAD = match(method="PUT", query_contains="partNumber=")
@@ -64,8 +67,8 @@ def write_files(folder: str, names: list[str]) -> None:
 @pytest.fixture
 def interrupt_once_uploading(s3_proxy: Any) -> Iterator[None]:
     """SIGINT this process (as Ctrl-C would) once the first part upload has begun; the link is throttled
-    so that the save is still far from done then."""
-    s3_proxy.configure(bandwidth=LINK)
+    so that the save is still far from done then (a 5 MiB part takes about 5 s)."""
+    s3_proxy.configure(bandwidth=INTERRUPTED_LINK)
     done = threading.Event()
 
     def interrupt() -> None:
