@@ -50,29 +50,13 @@ def start_moto() -> tuple[object, int]:
     raise RuntimeError(f"could not start moto: {last!r}")
 
 
-def _bucket_created(port: int) -> bool:
-    import botocore.session
-    from botocore.config import Config
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    client = botocore.session.get_session().create_client(
-        "s3", endpoint_url=f"http://127.0.0.1:{port}", aws_access_key_id=AWS_KEY, aws_secret_access_key=AWS_SECRET,
-        region_name="us-east-1", config=Config(connect_timeout=1, read_timeout=5, retries={"total_max_attempts": 1}),
-    )
-    try:
-        client.create_bucket(Bucket=BUCKET)
-    except ClientError as exc:
-        return exc.response.get("Error", {}).get("Code") == "BucketAlreadyOwnedByYou"
-    except BotoCoreError:
-        return False
-    finally:
-        client.close()
-    return True
-
-
 def start_seaweedfs(parent: str | None) -> tuple[subprocess.Popen, list[int], str]:
     """``weed server`` as the test fixture starts it, with bucket BUCKET; (process, its ports (S3 last), work folder)."""
-    from ckptman.testing import find_binary, pick_ports  # the test suite's port choice (port + 10000 free too)
+    from ckptman.testing import (  # as the test suite starts it
+        find_binary,
+        pick_ports,
+        s3_bucket_created,
+    )
 
     weed = find_binary("weed")
     if not weed:
@@ -97,7 +81,7 @@ def start_seaweedfs(parent: str | None) -> tuple[subprocess.Popen, list[int], st
                                     start_new_session=True)
         deadline = time.monotonic() + 60
         while proc.poll() is None and time.monotonic() < deadline:
-            if _bucket_created(s3):
+            if s3_bucket_created(f"http://127.0.0.1:{s3}", BUCKET):
                 return proc, ports, work
             time.sleep(0.2)
         proc.kill()

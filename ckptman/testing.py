@@ -70,6 +70,7 @@ __all__ = [
     "find_binary",
     "loopback",
     "pick_ports",
+    "s3_bucket_created",
     "server_process",
 ]
 
@@ -223,6 +224,35 @@ def _gcs_bucket_created(endpoint: str, name: str) -> bool:
         return exc.code == 409
     except OSError:
         return False
+
+
+def s3_bucket_created(endpoint: str, name: str) -> bool:
+    """``CreateBucket`` once, with ``AWS_TEST_ENV``'s credentials and short timeouts; a bucket we own already counts.
+
+    Also the readiness probe of an S3 server started in a subprocess: SeaweedFS's
+    gateway accepts connections before its master, volume and filer are up.
+    """
+    import botocore.session
+    from botocore.config import Config
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    client = botocore.session.get_session().create_client(
+        "s3",
+        endpoint_url=endpoint,
+        aws_access_key_id=AWS_TEST_ENV["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=AWS_TEST_ENV["AWS_SECRET_ACCESS_KEY"],
+        region_name=AWS_TEST_ENV["AWS_DEFAULT_REGION"],
+        config=Config(connect_timeout=1, read_timeout=5, retries={"total_max_attempts": 1, "mode": "standard"}),
+    )
+    try:
+        client.create_bucket(Bucket=name)
+    except ClientError as exc:
+        return exc.response.get("Error", {}).get("Code") == "BucketAlreadyOwnedByYou"
+    except BotoCoreError:
+        return False
+    finally:
+        client.close()
+    return True
 
 
 # --------------------------------------------------------------------------- #

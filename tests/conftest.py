@@ -85,6 +85,7 @@ from ckptman.testing import (
     failing_skips,
     find_binary,
     loopback,
+    s3_bucket_created,
     server_process,
 )
 
@@ -231,32 +232,6 @@ def s3_bucket(s3_endpoint: str) -> str:
     return BUCKET
 
 
-def _seaweedfs_bucket_created(endpoint: str) -> bool:
-    """``CreateBucket`` on ``endpoint`` (one attempt, short timeouts): the S3
-    gateway is ready only once the master, volume and filer are."""
-    import botocore.session
-    from botocore.config import Config
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    client = botocore.session.get_session().create_client(
-        "s3",
-        endpoint_url=endpoint,
-        aws_access_key_id=AWS_TEST_ENV["AWS_ACCESS_KEY_ID"],
-        aws_secret_access_key=AWS_TEST_ENV["AWS_SECRET_ACCESS_KEY"],
-        region_name=AWS_TEST_ENV["AWS_DEFAULT_REGION"],
-        config=Config(connect_timeout=1, read_timeout=5, retries={"total_max_attempts": 1, "mode": "standard"}),
-    )
-    try:
-        client.create_bucket(Bucket=BUCKET)
-    except ClientError as exc:
-        return exc.response.get("Error", {}).get("Code") == "BucketAlreadyOwnedByYou"
-    except BotoCoreError:
-        return False
-    finally:
-        client.close()
-    return True
-
-
 #: SeaweedFS opens a gRPC port at each service port + this (``pick_ports`` keeps both free).
 _GRPC_OFFSET = 10000
 
@@ -307,7 +282,7 @@ def seaweedfs_endpoint(aws_env: None, tmp_path_factory: pytest.TempPathFactory) 
         # fmt: on
 
     def ready(ports: list[int]) -> bool:
-        return _seaweedfs_bucket_created(loopback(ports[3]))
+        return s3_bucket_created(loopback(ports[3]), BUCKET)  # ready once the gateway can create a bucket
 
     with _required_in_ci(), server_process("seaweedfs", argv, 4, ready, workdir) as ports:
         yield loopback(ports[3])
