@@ -49,7 +49,12 @@ from mmengine.runner.checkpoint import CheckpointLoader
 
 from ckptman.adapting import remove_dead_branch
 from ckptman.distributed import THIS_PROCESS
-from ckptman.errors import CheckpointError, CheckpointNotFoundError, PolicyConfigError
+from ckptman.errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    InvalidStepError,
+    PolicyConfigError,
+)
 from ckptman.manager import CheckpointManager
 from ckptman.plainstate import Codec, decode, encode
 from ckptman.policy.best import Metric, coerce_metrics, enters_top_k
@@ -405,7 +410,7 @@ def load_from_ckptman(filename: str, map_location: Any = None) -> dict[str, Any]
 
 def _parse_step(text: str, filename: str) -> int:
     if not text.isdigit():
-        raise CheckpointNotFoundError(f"{filename}: the step after '?step=' must be a non-negative integer, got {text!r}")
+        raise InvalidStepError(f"{filename}: the step after '?step=' must be a non-negative integer, got {text!r}")
     return int(text)
 
 

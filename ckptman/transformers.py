@@ -157,10 +157,9 @@ class CkptmanCallback(transformers.TrainerCallback):
             return None
         if self._staged is not None and self._staged.endswith(f"-{latest}") and os.path.isdir(self._staged):
             return self._staged
-        folder = mgr.restore_directory()
-        if _downloaded(mgr, folder):
+        folder, _, downloaded = self._restore_latest()
+        if downloaded:
             self._downloads.append(folder)
-        self._remove_dead_branch(_trainer_step(folder))
         return folder
 
     def _stage_latest(self, output_dir: str) -> None:
@@ -180,21 +179,26 @@ class CkptmanCallback(transformers.TrainerCallback):
             return
         os.makedirs(output_dir, exist_ok=True)
         staging = tempfile.mkdtemp(prefix=".ckptman-staging-", dir=output_dir)  # not a checkpoint-N until complete
-        folder = mgr.restore_directory()
-        if _downloaded(mgr, folder):
+        folder, step, downloaded = self._restore_latest()
+        if downloaded:
             shutil.rmtree(staging)
             shutil.move(folder, staging)
         else:
             _link_tree(folder, staging)
-        step = _trainer_step(staging)
-        self._remove_dead_branch(step)
         open(os.path.join(staging, _STAGED_MARK), "w").close()
         self._staged = os.path.join(output_dir, f"{transformers.trainer_utils.PREFIX_CHECKPOINT_DIR}-{step}")
         os.replace(staging, self._staged)
 
-    def _remove_dead_branch(self, resumed: int) -> None:
+    def _restore_latest(self) -> tuple[str, int, bool]:
+        """The latest verified checkpoint as a local folder, the Trainer step it resumes at, and whether the
+        folder is a download (else the checkpoint itself, on local disk). Newer checkpoints that failed
+        verification are deleted (main process): training from the older step would reach their steps again."""
+        mgr = self.manager
+        folder = mgr.restore_directory()
+        step = _trainer_step(folder)
         if self._main:
-            remove_dead_branch(self.manager, resumed, stacklevel=3)
+            remove_dead_branch(mgr, step, stacklevel=3)
+        return folder, step, _downloaded(mgr, folder)
 
     # -- the end -----------------------------------------------------------------------
     def on_train_end(self, args: transformers.TrainingArguments, state: transformers.TrainerState, control: Any, **kwargs: Any) -> None:

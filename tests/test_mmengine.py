@@ -27,6 +27,7 @@ from mmengine_child import ProgressProbe, make_runner, quiet
 from ckptman import (
     CheckpointManager,
     CheckpointWarning,
+    InvalidStepError,
     LeaseWarning,
     PolicyConfigError,
 )
@@ -184,6 +185,8 @@ def test_bad_arguments_fail_at_construction(tmp_path: Path) -> None:
         CkptmanCheckpointHook(file_client_args={"backend": "disk"})
     with pytest.raises(PolicyConfigError, match="max_keep_ckpts"):
         CkptmanCheckpointHook(max_keep_ckpts="3")  # type: ignore[arg-type]
+    with pytest.raises(InvalidStepError, match=r"\?step="):
+        _load_checkpoint(f"{SCHEME}{tmp_path}?step=last")
     with pytest.raises(ValueError, match="rule"):
         CkptmanCheckpointHook(save_best="mse")  # the seed's own check: no rule can be inferred for 'mse'
     assert isinstance(HOOKS.build({'type': "CkptmanCheckpointHook", 'interval': 1, 'filename_tmpl': "ep_{}.pth"}), CkptmanCheckpointHook)
