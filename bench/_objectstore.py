@@ -149,11 +149,12 @@ def write_files(folder: str, blobs: list[bytes]) -> None:
 class OpenManager:
     """A CheckpointManager on the server kept open over all repeats (as in training); each save deleted again."""
 
-    def __init__(self, server: Server) -> None:
+    def __init__(self, server: Server, **kwargs: Any) -> None:
         self.server, self.prefix, self.step, self.mgr = server, server.prefix(), 0, None
+        self.kwargs = kwargs
 
     def open(self) -> Any:
-        self.mgr = manager(f"s3://{self.prefix}/run", storage_options=self.server.opts)
+        self.mgr = manager(f"s3://{self.prefix}/run", storage_options=self.server.opts, **self.kwargs)
         return self.mgr
 
     def next_step(self) -> int:
@@ -350,9 +351,11 @@ def state_save(cfg: Config, server: Server, key: str, mib: int, repeats: int) ->
     group.rows = [
         Row("torch.save into s3fs file", baseline=True),
         Row("ckptman save", goal="<= 0.75x", check=ratio_at_most(0.75)),
+        Row("ckptman async_save, blocked", goal="<= 0.25x", check=ratio_at_most(0.25)),
+        Row("  async until committed"),
     ]
     state, tiny = make_state(mib, cfg.n_tensors), make_state(1, 2, seed=1)
-    ck = OpenManager(server)
+    ck, background = OpenManager(server), OpenManager(server, async_save=True)
 
     def plain(s: dict) -> dict[str, float]:
         prefix = server.prefix()
@@ -372,14 +375,28 @@ def state_save(cfg: Config, server: Server, key: str, mib: int, repeats: int) ->
             t0 = time.perf_counter()
             ok = ck.mgr.save(step, s, force=True)
             elapsed = time.perf_counter() - t0
-        if not ok or ck.mgr.all_steps() != [step]:
-            raise RuntimeError(f"save({step}) returned {ok}; committed steps {ck.mgr.all_steps()}")
-        ck.mgr.delete(step)
+        _check_committed(ck, step, ok)
         return {"ckptman save": elapsed}
+
+    def save_async(s: dict) -> dict[str, float]:
+        step = background.next_step()
+        t0 = time.perf_counter()
+        ok = background.mgr.save(step, s, force=True)
+        t1 = time.perf_counter()
+        background.mgr.wait_until_finished()
+        t2 = time.perf_counter()
+        _check_committed(background, step, ok)
+        return {"ckptman async_save, blocked": t1 - t0, "  async until committed": t2 - t0}
 
     contenders = [
         Contender(["torch.save into s3fs file"], lambda rep: plain(state), setup=lambda: plain(tiny) and None),
         Contender(["ckptman save"], lambda rep: save(state), setup=lambda: (ck.open(), save(tiny)) and None, teardown=ck.close),
+        Contender(
+            ["ckptman async_save, blocked", "  async until committed"],
+            lambda rep: save_async(state),
+            setup=lambda: (background.open(), save_async(tiny)) and None,
+            teardown=background.close,
+        ),
     ]
     run_interleaved(group, contenders, repeats)
     _cpu_note(group, server, ["torch.save into s3fs file", "ckptman save"])
@@ -387,9 +404,18 @@ def state_save(cfg: Config, server: Server, key: str, mib: int, repeats: int) ->
         f"{cfg.n_tensors} float32 tensors; torch.save(state, f) into fs.open(path, 'wb') (s3fs's buffered file: "
         "50 MiB parts, each uploaded while serialization waits); ckptman save = mgr.save(step, state) to commit: "
         "torch.save streamed through the xxh3 hash into a multipart upload whose 8 MiB parts go up concurrently "
-        "(4 at a time) while serialization goes on, then manifest, 'latest', sidecar"
+        "(4 at a time) while serialization goes on, then manifest, 'latest', sidecar; async_save = the same with "
+        "CheckpointManager(..., async_save=True): blocked until save() returns (the host-memory snapshot), each "
+        "waited for (wait_until_finished) before the next measurement"
     )
     return group
+
+
+def _check_committed(ck: OpenManager, step: int, ok: bool) -> None:
+    """The save really committed (and only it), then it is deleted again, untimed."""
+    if not ok or ck.mgr.all_steps() != [step]:
+        raise RuntimeError(f"save({step}) returned {ok}; committed steps {ck.mgr.all_steps()}")
+    ck.mgr.delete(step)
 
 
 def state_restore(cfg: Config, server: Server, key: str, mib: int, repeats: int) -> Group:
@@ -446,6 +472,47 @@ def state_restore(cfg: Config, server: Server, key: str, mib: int, repeats: int)
 # --------------------------------------------------------------------------- #
 # goal 6: memory of a synchronous save to S3 (fresh process each)
 # --------------------------------------------------------------------------- #
+
+
+def ranged_get_cost(cfg: Config, server: Server, key: str, mib: int, repeats: int) -> Group:
+    """What one 16 MiB ranged GET costs the server, from a 16 MiB object and from a ``mib`` MiB one.
+
+    On moto the second is far slower: it reads the whole object for every
+    GET and slices the range out, so reading a large object in ranges costs it
+    (number of ranges) x (object size). Asked of the server directly, no proxy.
+    """
+    from ckptman.prefetch import RANGE
+
+    small_label, large_label = f"range of a {RANGE // MiB} MiB object", f"same range of a {mib} MiB object"
+    group = Group(key, f"one {RANGE // MiB} MiB ranged GET ({server.label}, direct)")
+    group.rows = [Row(small_label, baseline=True), Row(large_label)]
+    prefix = server.prefix()
+    small, large = f"{prefix}/small.bin", f"{prefix}/large.bin"
+    server.direct.pipe_file(small, os.urandom(RANGE))
+    with server.direct.open(large, "wb") as f:
+        block = os.urandom(64 * MiB)
+        for _ in range(mib // 64):
+            f.write(block)
+
+    def timed(label: str, path: str) -> Callable[[int], dict[str, float]]:
+        def run(rep: int) -> dict[str, float]:
+            t0 = time.perf_counter()
+            server.direct.cat_file(path, start=0, end=RANGE)
+            return {label: time.perf_counter() - t0}
+
+        return run
+
+    try:
+        run_interleaved(group, [Contender([small_label], timed(small_label, small)), Contender([large_label], timed(large_label, large))], repeats)
+    finally:
+        server.remove(prefix)
+    group.notes.append(
+        f"fs.cat_file(path, start=0, end={RANGE // MiB} MiB) straight to the server: the same bytes either way. moto "
+        "reads the whole object for each GET (FakeKey.value) before slicing the range out, so ckptman's ranged "
+        f"restore of a {mib} MiB object ({mib * MiB // RANGE} ranges, 4 in flight) costs moto {mib * MiB // RANGE} reads of it "
+        "where s3fs get_file's single GET costs one: a property of moto, not of S3"
+    )
+    return group
 
 
 def save_memory(cfg: Config, server: Server, key: str, mib: int, repeats: int) -> Group:
@@ -539,6 +606,10 @@ def bench_scale(cfg: Config) -> list[Group]:
                     log(f"[{prefix}] {server.label} {mib} MiB")
                     groups.append(state_save(cfg, server, f"{prefix}{'abcdef'[2 * i]}", mib, repeats))
                     groups.append(state_restore(cfg, server, f"{prefix}{'abcdef'[2 * i + 1]}", mib, repeats))
+                if name == "s3":
+                    largest = max(cfg.scale_mibs)
+                    log(f"[{prefix}r] {server.label} cost of one ranged GET")
+                    groups.append(ranged_get_cost(cfg, server, f"{prefix}r", largest, repeats))
                 if name == "seaweedfs":
                     largest = max(cfg.scale_mibs)
                     log(f"[{prefix}m] {server.label} memory of a {largest} MiB save")

@@ -44,10 +44,20 @@ def opener_for(fs: Any) -> Callable[[str], PartUpload] | None:
     """How to open a concurrent upload on ``fs``, or None where fsspec's own file is used (not S3)."""
     if not (hasattr(fs, "_call_s3") and hasattr(fs, "split_path")):
         return None
+    part_size, single_put_limit = _sizes(fs)
+    return lambda path: PartUpload(fs, path, part_size, single_put_limit)
+
+
+def single_put_limit(fs: Any) -> int:
+    """The largest file ``fs`` stores with one request, here and in :class:`PartUpload` alike."""
+    return _sizes(fs)[1]
+
+
+def _sizes(fs: Any) -> tuple[int, int]:
+    """Part size and single-PUT limit: ours, unless the filesystem's block size is smaller."""
     block = int(getattr(fs, "default_block_size", 0) or SINGLE_PUT_LIMIT)
     part_size = max(_MIN_PART, min(PART_SIZE, block))
-    single_put_limit = max(part_size, min(SINGLE_PUT_LIMIT, block))
-    return lambda path: PartUpload(fs, path, part_size, single_put_limit)
+    return part_size, max(part_size, min(SINGLE_PUT_LIMIT, block))
 
 
 class PartUpload:

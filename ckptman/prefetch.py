@@ -1,10 +1,11 @@
-"""Reading an object front to back while the next ranges are already downloading.
+"""Reading a large object front to back while the next ranges are already downloading.
 
 A checksum must see the bytes in order, but the network need not deliver
 them one request at a time: :class:`RangeReader` keeps ``AHEAD`` ranged GETs
 on fsspec's event loop and hands them out in order, so a single large file
-downloads over several connections (and a small one in one GET, without the
-HEAD request fsspec's own file sends first: the manifest knows the size).
+downloads over several connections, without the HEAD request fsspec's own
+file sends first (the manifest knows the size). A file of up to one
+``RANGE`` is one streamed GET instead (:func:`ckptman.loopio.stream_into`).
 Used only by :mod:`ckptman.storage`, for async filesystems (s3fs, gcsfs).
 """
 

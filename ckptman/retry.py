@@ -15,7 +15,7 @@ import logging
 import random
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator, TypeVar
+from typing import Awaitable, Callable, Iterator, TypeVar
 
 from ckptman.errors import CheckpointError, PolicyConfigError
 
@@ -107,11 +107,29 @@ class RetryPolicy:
             try:
                 return operation()
             except Exception as exc:
-                if attempt >= self.attempts or not is_transient(exc):
+                delay = self._delay_before_retry(exc, attempt, what)
+                if delay is None:
                     raise
-                delay = self.backoff(attempt)
-                logger.warning(
-                    "%s failed (%s: %s); retry %d/%d in %.2fs", what, type(exc).__name__, exc, attempt, self.attempts - 1, delay
-                )
-                sleep(delay)
-                attempt += 1
+            sleep(delay)
+            attempt += 1
+
+    async def call_async(self, operation: Callable[[], Awaitable[T]], what: str) -> T:
+        """:meth:`call` for a coroutine on an event loop: the same attempts and backoff, waited with ``asyncio.sleep``."""
+        attempt = 1
+        while True:
+            try:
+                return await operation()
+            except Exception as exc:
+                delay = self._delay_before_retry(exc, attempt, what)
+                if delay is None:
+                    raise
+            await asyncio.sleep(delay)
+            attempt += 1
+
+    def _delay_before_retry(self, exc: Exception, attempt: int, what: str) -> float | None:
+        """Seconds to wait before retrying after ``exc`` (logged), or None when it must be raised."""
+        if attempt >= self.attempts or not is_transient(exc):
+            return None
+        delay = self.backoff(attempt)
+        logger.warning("%s failed (%s: %s); retry %d/%d in %.2fs", what, type(exc).__name__, exc, attempt, self.attempts - 1, delay)
+        return delay

@@ -23,15 +23,17 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import errno
+import functools
 import io
 import os
 import posixpath
-from typing import IO, Any, Callable, Mapping, TypeVar
+from typing import IO, Any, Awaitable, Callable, Mapping, Sequence, TypeVar
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from ckptman import multipart, prefetch
+from ckptman import loopio, multipart, prefetch
 from ckptman.conditional import CompareAndSwap, Versioned, precondition_failed, versions_for
 from ckptman.errors import (
     BucketNotFoundError,
@@ -43,6 +45,10 @@ from ckptman.localdisk import TMP_PREFIX, fsync_dir, publish_local
 from ckptman.retry import RetryPolicy
 
 T = TypeVar("T")
+W = TypeVar("W", bound=loopio.Sink)
+SinkOpener = Callable[[], "contextlib.AbstractContextManager[W]"]
+
+_READ_CHUNK = 8 * 2**20
 
 _EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}
 
@@ -88,6 +94,7 @@ class Storage:
         self.url = self.root if self.is_local else f"{protocol}://{self.root.lstrip('/')}"
         self._versions = versions_for(self.fs, protocol, self.is_local)
         self._open_upload: Callable[[str], Any] = multipart.opener_for(self.fs) or (lambda path: self.fs.open(path, "wb"))
+        self._batch_put_limit = multipart.single_put_limit(self.fs) if loopio.is_async(self.fs) else -1
         self._keeps_folder_entries: bool | None = None  # learnt from the first tree removed (see remove)
         self._check_location()
 
@@ -149,22 +156,76 @@ class Storage:
             result[rel] = data
         return result
 
-    def read_file(self, rel: str, consume: Callable[[IO[bytes]], T], size: int | None = None) -> T:
-        """Open a file and let ``consume`` read it; the whole read is retried on a transient error.
+    def read_into(self, rel: str, open_sink: SinkOpener[W], size: int | None = None) -> W:
+        """Copy a file's bytes, in order, into a fresh sink per attempt; returns the sink of the attempt that succeeded.
 
-        With the expected ``size`` (from a manifest), async backends fetch the
-        next ranges while ``consume`` reads (:mod:`ckptman.prefetch`).
+        A transient error retries the whole read into a new sink. On async
+        backends a file of unknown size or up to one range is one streamed
+        GET, and a larger one (``size`` from a manifest) has ranged GETs in
+        flight while the sink takes the bytes (:mod:`ckptman.prefetch`).
         """
         path = self.path(rel)
 
-        def attempt() -> T:
-            if size and prefetch.can_prefetch(self.fs):
-                with prefetch.RangeReader(self.fs, path, size) as reader:
-                    return consume(reader)  # type: ignore[arg-type]
-            with self.fs.open(path, "rb") as f:
-                return consume(f)
+        def attempt() -> W:
+            with open_sink() as sink:
+                if (size is None or size <= prefetch.RANGE) and loopio.can_stream(self.fs):
+                    loopio.run(self.fs, lambda: loopio.stream_into(self.fs, path, sink))
+                elif size and prefetch.can_prefetch(self.fs):
+                    with prefetch.RangeReader(self.fs, path, size) as reader:
+                        while piece := reader.read():
+                            sink.write(piece)
+                else:
+                    with self.fs.open(path, "rb") as f:
+                        while piece := f.read(_READ_CHUNK):
+                            sink.write(piece)
+            return sink
 
         return self._guard("read", rel, attempt)
+
+    # -- many files at once: coroutines on an async backend's loop (ckptman.loopio) --
+    def reads_in_batch(self, size: int) -> bool:
+        """Whether :meth:`read_many_into` takes a file of ``size`` bytes (one streamed GET)."""
+        return size <= prefetch.RANGE and loopio.can_stream(self.fs)
+
+    def writes_in_batch(self, size: int) -> bool:
+        """Whether :meth:`write_many` takes a file of ``size`` bytes (one PUT, as :meth:`write_file` would send)."""
+        return size <= self._batch_put_limit
+
+    def read_many_into(self, items: Sequence[tuple[str, SinkOpener[W]]], limit: int) -> list[W]:
+        """:meth:`read_into` for many files (each one streamed GET), ``limit`` in flight; sinks in order.
+
+        The first failure (after its retries) cancels the rest and is raised;
+        a missing file is a FileNotFoundError whose ``filename`` is its ``rel``.
+        """
+
+        async def one(rel: str, open_sink: SinkOpener[W]) -> W:
+            async def attempt() -> W:
+                with open_sink() as sink:
+                    await loopio.stream_into(self.fs, self.path(rel), sink)
+                return sink
+
+            try:
+                return await self._guard_async("read", rel, attempt)
+            except FileNotFoundError as exc:
+                raise FileNotFoundError(errno.ENOENT, "no such file", rel) from exc
+
+        jobs = [functools.partial(one, rel, open_sink) for rel, open_sink in items]
+        return loopio.run(self.fs, lambda: loopio.bounded(jobs, limit))
+
+    def write_many(self, items: Sequence[tuple[str, Callable[[], bytes]]], limit: int) -> None:
+        """Store many small payload files, each one PUT of ``load()``'s bytes, ``limit`` in flight.
+
+        ``load`` runs on the loop for every attempt (so it must be quick, e.g.
+        read and hash a local file). The first failure (after its retries)
+        cancels the rest and is raised; the files already stored stay in
+        their uncommitted folder, as after a failed :meth:`write_file`.
+        """
+
+        async def one(rel: str, load: Callable[[], bytes]) -> None:
+            await self._guard_async("write", rel, lambda: self.fs._pipe_file(self.path(rel), load()))
+
+        jobs = [functools.partial(one, rel, load) for rel, load in items]
+        loopio.run(self.fs, lambda: loopio.bounded(jobs, limit))
 
     def list_folders(self) -> list[str]:
         """Names of the sub-folders of the directory, read fresh (no cached listing)."""
@@ -381,13 +442,30 @@ class Storage:
 
         A missing file stays a FileNotFoundError: callers decide what absence means.
         """
-        where = f"{self.url}/{rel}" if rel else self.url
+        where = self._where(rel)
         try:
             return self.retry.call(call, f"{action} {where}")
-        except (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, StorageError, _ProducerError, UploadStopped):
+        except _PASSED_ON:
             raise
         except Exception as exc:  # noqa: BLE001 - any backend's error, turned into one typed error
-            raise StorageError(f"could not {action} {where}: {type(exc).__name__}: {exc}") from exc
+            raise _failed(action, where, exc) from exc
+
+    async def _guard_async(self, action: str, rel: str, call: Callable[[], Awaitable[T]]) -> T:
+        """:meth:`_guard` for a coroutine on the backend's loop."""
+        where = self._where(rel)
+        try:
+            return await self.retry.call_async(call, f"{action} {where}")
+        except _PASSED_ON:
+            raise
+        except Exception as exc:  # noqa: BLE001 - as in _guard
+            raise _failed(action, where, exc) from exc
+
+    def _where(self, rel: str) -> str:
+        return f"{self.url}/{rel}" if rel else self.url
+
+
+def _failed(action: str, where: str, exc: Exception) -> StorageError:
+    return StorageError(f"could not {action} {where}: {type(exc).__name__}: {exc}")
 
 
 class UploadStopped(Exception):
@@ -427,6 +505,10 @@ class _TrackedWrites(io.RawIOBase):
         except BaseException as exc:
             self.failure = exc
             raise
+
+
+_PASSED_ON = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, StorageError, _ProducerError, UploadStopped)
+"""Errors that keep their type through the storage layer: their callers tell them apart."""
 
 
 def _run_producer(produce: Callable[[IO[bytes]], T], target: IO[bytes]) -> T:

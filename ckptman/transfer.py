@@ -8,6 +8,7 @@ same pass as the write and never needs a second read.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import mmap
 import os
@@ -31,9 +32,9 @@ CHUNK = 8 * 1024 * 1024
 
 
 class ChecksumWriter(io.RawIOBase):
-    """A write-only stream that hashes and counts everything passed to the file beneath."""
+    """A write-only stream that hashes and counts everything passed to the file beneath (if any)."""
 
-    def __init__(self, target: IO[bytes], callback: Callback = DEFAULT_CALLBACK) -> None:
+    def __init__(self, target: IO[bytes] | None, callback: Callback = DEFAULT_CALLBACK) -> None:
         super().__init__()
         self._target = target
         self._hash = xxhash.xxh3_128()
@@ -46,13 +47,15 @@ class ChecksumWriter(io.RawIOBase):
     def write(self, data: bytes | bytearray | memoryview) -> int:  # type: ignore[override]
         view = memoryview(data).cast("B")
         self._hash.update(view)
-        self._target.write(view)
+        if self._target is not None:
+            self._target.write(view)
         self.size += view.nbytes
         self._callback.relative_update(view.nbytes)
         return view.nbytes
 
     def flush(self) -> None:
-        self._target.flush()
+        if self._target is not None:
+            self._target.flush()
 
     @property
     def checksum(self) -> str:
@@ -137,17 +140,11 @@ def checksum_local_file(path: str) -> tuple[int, str]:
             return size, checksum_of(memoryview(mapped))
 
 
-def _hash_stream(source: IO[bytes], sink: IO[bytes] | None, callback: Callback) -> tuple[int, str]:
-    """Size and checksum of a stream read to its end, copied to ``sink`` on the way when given."""
-    digest = xxhash.xxh3_128()
-    size = 0
-    while chunk := source.read(CHUNK):
-        digest.update(chunk)
-        size += len(chunk)
-        callback.relative_update(len(chunk))
-        if sink is not None:
-            sink.write(chunk)
-    return size, f"{ALGORITHM}:{digest.hexdigest()}"
+@contextlib.contextmanager
+def _hashing_into(local_path: str | None, callback: Callback = DEFAULT_CALLBACK) -> Iterator[ChecksumWriter]:
+    """A sink for :meth:`Storage.read_into`: hashes what arrives, writing it to ``local_path`` when given."""
+    with open(local_path, "wb") if local_path is not None else contextlib.nullcontext() as target:
+        yield ChecksumWriter(target, callback)
 
 
 def describe_stored(storage: Storage, rel: str, entry_path: str) -> FileEntry:
@@ -157,8 +154,8 @@ def describe_stored(storage: Storage, rel: str, entry_path: str) -> FileEntry:
         size, checksum = checksum_local_file(local)
         return FileEntry(entry_path, size, checksum)
 
-    size, checksum = storage.read_file(rel, lambda source: _hash_stream(source, None, DEFAULT_CALLBACK))
-    return FileEntry(entry_path, size, checksum)
+    hashed = storage.read_into(rel, lambda: _hashing_into(None))
+    return FileEntry(entry_path, hashed.size, hashed.checksum)
 
 
 @contextlib.contextmanager
@@ -195,16 +192,11 @@ def download_verified(
     """Stream a payload file to ``local_path`` (or just through the hash when None) and verify it."""
     if local_path is not None:
         os.makedirs(os.path.dirname(local_path) or ".", exist_ok=True)
-
-    def consume(source: IO[bytes]) -> tuple[int, str]:
-        with open(local_path, "wb") if local_path is not None else contextlib.nullcontext() as sink:
-            return _hash_stream(source, sink, callback)
-
     try:
-        size, actual = storage.read_file(rel, consume, entry.size)
+        hashed = storage.read_into(rel, lambda: _hashing_into(local_path, callback), entry.size)
     except FileNotFoundError as exc:
         raise _missing(storage, rel) from exc
-    _check(storage, rel, entry, size, actual)
+    _check(storage, rel, entry, hashed.size, hashed.checksum)
 
 
 class Transfers:
@@ -224,17 +216,56 @@ class Transfers:
             return write_stream(storage, rel, produce, entry_path, callback)
 
     def upload_files(self, storage: Storage, items: Sequence[tuple[str, str, str]]) -> tuple[FileEntry, ...]:
-        """Upload ``(local_path, rel, entry_path)`` items concurrently; entries come back in the given order."""
-        total = sum(os.path.getsize(local) for local, _, _ in items)
+        """Upload ``(local_path, rel, entry_path)`` items concurrently; entries come back in the given order.
+
+        Files that fit one request go up together on an async backend's loop
+        (:meth:`Storage.write_many`), the others through threads.
+        """
+        sizes = [os.path.getsize(local) for local, _, _ in items]
+        entries: list[FileEntry | None] = [None] * len(items)
+        batch = [i for i, size in enumerate(sizes) if storage.writes_in_batch(size)]
         stop = threading.Event()
-        with self.progress.bar(f"upload {len(items)} files", total) as callback:
-            return tuple(self.run_each(lambda item: upload_file(storage, *item, stop, callback), items, stop))
+        with self.progress.bar(f"upload {len(items)} files", sum(sizes)) as callback:
+            if batch:
+
+                def loader(i: int) -> Callable[[], bytes]:
+                    def load() -> bytes:
+                        local, _, entry_path = items[i]
+                        with open(local, "rb") as f:
+                            data = f.read()
+                        entries[i] = FileEntry(entry_path, len(data), checksum_of(data))
+                        callback.relative_update(len(data))
+                        return data
+
+                    return load
+
+                storage.write_many([(items[i][1], loader(i)) for i in batch], self.max_concurrency)
+            rest = [i for i in range(len(items)) if entries[i] is None]
+            uploaded = self.run_each(lambda i: upload_file(storage, *items[i], stop, callback), rest, stop)
+        for i, entry in zip(rest, uploaded):
+            entries[i] = entry
+        return tuple(entry for entry in entries if entry is not None)
 
     def download_files(self, storage: Storage, items: Sequence[tuple[str, FileEntry, str | None]]) -> None:
-        """Download and verify ``(rel, entry, local_path or None)`` items concurrently."""
-        total = sum(entry.size for _, entry, _ in items)
-        with self.progress.bar(f"download {len(items)} files", total) as callback:
-            self.run_each(lambda item: download_verified(storage, *item, callback), items)
+        """Download and verify ``(rel, entry, local_path or None)`` items concurrently.
+
+        Files that fit one request stream together on an async backend's loop
+        (:meth:`Storage.read_many_into`), the others through threads.
+        """
+        batch = [item for item in items if storage.reads_in_batch(item[1].size)]
+        rest = [item for item in items if not storage.reads_in_batch(item[1].size)]
+        with self.progress.bar(f"download {len(items)} files", sum(entry.size for _, entry, _ in items)) as callback:
+            if batch:
+                for local_path in (local for _, _, local in batch if local is not None):
+                    os.makedirs(os.path.dirname(local_path) or ".", exist_ok=True)
+                openers = [(rel, functools.partial(_hashing_into, local, callback)) for rel, _, local in batch]
+                try:
+                    hashed = storage.read_many_into(openers, self.max_concurrency)
+                except FileNotFoundError as exc:
+                    raise _missing(storage, exc.filename) from exc
+                for (rel, entry, _), result in zip(batch, hashed):
+                    _check(storage, rel, entry, result.size, result.checksum)
+            self.run_each(lambda item: download_verified(storage, *item, callback), rest)
 
     def run_each(self, work: Callable[[T], R], items: Sequence[T], stop: threading.Event | None = None) -> list[R]:
         """``work`` on every item with at most ``max_concurrency`` at once; results in order.

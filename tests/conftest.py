@@ -312,6 +312,31 @@ def gcs_storage_options(endpoint: str) -> dict[str, Any]:
 # --------------------------------------------------------------------------- #
 
 
+@contextlib.contextmanager
+def sigint_once(condition: Callable[[], bool], timeout: float = 60.0) -> Iterator[None]:
+    """SIGINT this process (as Ctrl-C would) as soon as ``condition()`` holds, polled every 20 ms while the block runs."""
+    import signal
+    import threading
+    import time
+
+    done = threading.Event()
+
+    def interrupt() -> None:
+        deadline = time.monotonic() + timeout
+        while not done.wait(0.02) and time.monotonic() < deadline:
+            if condition():
+                os.kill(os.getpid(), signal.SIGINT)
+                return
+
+    thread = threading.Thread(target=interrupt, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+
+
 def make_backend(
     name: str,
     tmp_path: Path | None,

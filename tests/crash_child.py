@@ -31,7 +31,7 @@ k-th occurrence of a target SIGKILLs the process right there, ``before``,
 ``mid`` (local disk: the temporary file of an atomic write exists but is not
 renamed yet; payload: part of the bytes are written) or ``after`` it:
 
-    payload   Storage.write_file (every payload file: state.pt, each directory file)
+    payload   Storage.write_file / write_many (every payload file: state.pt, each directory file)
     commit    ckptman.commit.commit (the manifest that makes a checkpoint exist)
     report    ckptman.commit.rewrite (a manifest replaced with later metrics)
     latest    Storage.write_atomic("latest")
@@ -286,7 +286,30 @@ class Hook:
                 die(hook.label(rel))
             return result
 
+        original_write_many = Storage.write_many
+
+        def write_many(self: Any, items: Any, limit: int) -> None:
+            """The directory files stored together (one PUT each): a file's PUT is all or nothing, so
+            ``mid`` dies as its bytes are read, like ``before``; ``after`` once the batch holding it is stored."""
+            stored_then_die: list[str] = []
+
+            def armed(rel: str, load: Callable[[], bytes]) -> Callable[[], bytes]:
+                def load_or_die() -> bytes:
+                    when = hook.arm("payload")
+                    if when in ("before", "mid"):
+                        die(hook.label(rel))
+                    if when == "after":
+                        stored_then_die.append(rel)
+                    return load()
+
+                return load_or_die
+
+            original_write_many(self, [(rel, armed(rel, load)) for rel, load in items], limit)
+            if stored_then_die:
+                die(hook.label(stored_then_die[0]))
+
         Storage.write_atomic, Storage.remove, Storage.write_file = write_atomic, remove, write_file
+        Storage.write_many = write_many
         Storage.replace_if = replace_if
         localdisk.write_temporary = write_temporary
 

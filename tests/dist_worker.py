@@ -151,6 +151,14 @@ def record_storage_writes(ctx: Ctx) -> None:
 
         setattr(storage.Storage, method, wrapped)
 
+    write_many = storage.Storage.write_many
+
+    def many(self: Any, items: Any, *args: Any, **kwargs: Any) -> Any:
+        ctx.writes.extend(["write_file", rel] for rel, _ in items)  # payload files stored together, one PUT each
+        return write_many(self, items, *args, **kwargs)
+
+    storage.Storage.write_many = many  # type: ignore[method-assign]
+
 
 def fail_uploads(after: int, then: Callable[[], None] | None = None, delay: float = 0.0) -> None:
     """This rank's next directory upload stores ``after`` files, then calls ``then`` (e.g. :func:`leave`) or raises OSError."""

@@ -11,17 +11,13 @@ while the other files are still on their way. What a SIGKILL leaves behind
 
 from __future__ import annotations
 
-import os
-import signal
-import threading
-import time
 from pathlib import Path
 from typing import Any, Iterator
 
 import fsspec
 import pytest
 import torch
-from conftest import Backend, s3_storage_options
+from conftest import Backend, s3_storage_options, sigint_once
 from netproxy import match
 
 from ckptman import CheckpointManager, RetryPolicy, StorageError
@@ -69,22 +65,8 @@ def interrupt_once_uploading(s3_proxy: Any) -> Iterator[None]:
     """SIGINT this process (as Ctrl-C would) once the first part upload has begun; the link is throttled
     so that the save is still far from done then (a 5 MiB part takes about 5 s)."""
     s3_proxy.configure(bandwidth=INTERRUPTED_LINK)
-    done = threading.Event()
-
-    def interrupt() -> None:
-        deadline = time.monotonic() + 60
-        while not done.wait(0.02) and time.monotonic() < deadline:
-            if seen(s3_proxy, PART_UPLOAD):
-                os.kill(os.getpid(), signal.SIGINT)
-                return
-
-    thread = threading.Thread(target=interrupt, daemon=True)
-    thread.start()
-    try:
+    with sigint_once(lambda: seen(s3_proxy, PART_UPLOAD) > 0):
         yield
-    finally:
-        done.set()
-        thread.join()
 
 
 def test_part_upload_failing_on_every_attempt_aborts_each_attempt(

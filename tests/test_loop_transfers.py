@@ -1,0 +1,201 @@
+"""Many files at once on an async backend's event loop (ckptman.loopio), on moto, SeaweedFS and fake-gcs.
+
+Directory files that fit one request go up as one PUT each and come back as
+one streamed GET each, all as coroutines on fsspec's loop; larger ones keep
+the threaded multipart uploads and ranged reads. What must hold whichever
+path a file takes: the bytes round-trip, every file is checked against the
+manifest, a request that fails midway is retried from the start (never
+appended to), a missing or changed file is a CorruptCheckpointError naming
+it, and an interrupt leaves nothing still transferring once it has been raised.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import pytest
+from conftest import Backend, sigint_once
+from netproxy import match
+
+from ckptman import CheckpointManager, CorruptCheckpointError, RetryPolicy, loopio
+from ckptman.errors import StorageError
+from ckptman.prefetch import RANGE
+
+FAST = RetryPolicy(attempts=4, initial_backoff=0.01, max_backoff=0.02)
+SMALL = 300 * 1024
+
+
+@pytest.fixture(params=["s3", "seaweedfs", "gcs"])
+def remote(request: pytest.FixtureRequest) -> Backend:
+    backend: Backend = request.getfixturevalue(f"{request.param}_backend")
+    return backend
+
+
+def blobs(count: int, size: int = SMALL) -> dict[str, bytes]:
+    return {f"part/{i:03d}.bin": os.urandom(size) for i in range(count)}
+
+
+def write_tree(folder: str, files: dict[str, bytes]) -> None:
+    for rel, data in files.items():
+        path = Path(folder, rel)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+
+
+def read_tree(folder: str) -> dict[str, bytes]:
+    root = Path(folder)
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def stored_path(backend: Backend, mgr: CheckpointManager, step: int, rel: str) -> tuple[Any, str]:
+    fs = fsspec.filesystem(backend.url.split("://")[0], skip_instance_cache=True, **backend.storage_options)
+    return fs, f"{backend.path}/{mgr.checkpoint_path(step).rsplit('/', 1)[1]}/{rel}"
+
+
+def test_small_and_large_files_round_trip_with_both_paths(remote: Backend, tmp_path: Path) -> None:
+    files = {**blobs(24), "big/shard.bin": os.urandom(RANGE + 3 * 2**20), "empty.bin": b""}
+    with CheckpointManager(remote.url, storage_options=remote.storage_options, retry=FAST) as mgr:
+        with mgr.save_directory(1, force=True) as folder:
+            write_tree(folder, files)
+        assert mgr.verify(1).ok
+        restored = mgr.restore_directory(1, local_dir=tmp_path / "back")
+    assert read_tree(restored) == files
+
+
+def test_a_get_cut_midway_is_retried_into_a_fresh_file(flaky_s3_backend: Backend, s3_proxy: Any, tmp_path: Path) -> None:
+    files = blobs(8)
+    with CheckpointManager(flaky_s3_backend.url, storage_options=flaky_s3_backend.storage_options, retry=FAST) as mgr:
+        with mgr.save_directory(1, force=True) as folder:
+            write_tree(folder, files)
+        s3_proxy.fail_next(1, "reset_mid", match(method="GET", path_contains="part/003.bin"))
+        restored = mgr.restore_directory(1, local_dir=tmp_path / "back")
+    assert s3_proxy.stats.faults["reset_mid"] == 1
+    assert read_tree(restored) == files  # the half body that arrived first was not kept
+
+
+def test_a_put_failing_once_is_retried_and_the_checkpoint_verifies(flaky_s3_backend: Backend, s3_proxy: Any) -> None:
+    files = blobs(8)
+    s3_proxy.fail_next(2, "500", match(method="PUT", path_contains="part/005.bin"))
+    with CheckpointManager(flaky_s3_backend.url, storage_options=flaky_s3_backend.storage_options, retry=FAST) as mgr:
+        with mgr.save_directory(1, force=True) as folder:
+            write_tree(folder, files)
+        assert s3_proxy.stats.faults["500"] == 2
+        assert mgr.verify(1).ok
+
+
+def test_a_put_failing_on_every_attempt_raises_naming_the_file_and_commits_nothing(
+    flaky_s3_backend: Backend, s3_proxy: Any
+) -> None:
+    s3_proxy.configure(fail_rate=1.0, faults=("500",), match=match(method="PUT", path_contains="part/002.bin"))
+    with CheckpointManager(flaky_s3_backend.url, storage_options=flaky_s3_backend.storage_options, retry=FAST) as mgr:
+        with pytest.raises(StorageError, match="part/002.bin"), mgr.save_directory(1, force=True) as folder:
+            write_tree(folder, blobs(8))
+        assert mgr.all_steps() == []
+
+
+@pytest.mark.parametrize("change", ["missing", "grew", "shrank"])
+def test_a_changed_small_file_fails_verification_naming_it(remote: Backend, tmp_path: Path, change: str) -> None:
+    files = blobs(6)
+    with CheckpointManager(remote.url, storage_options=remote.storage_options, retry=FAST) as mgr:
+        with mgr.save_directory(1, force=True) as folder:
+            write_tree(folder, files)
+        fs, path = stored_path(remote, mgr, 1, "part/004.bin")
+        if change == "missing":
+            fs.rm_file(path)
+        else:
+            data = files["part/004.bin"]
+            fs.pipe_file(path, data + b"x" if change == "grew" else data[:-1])
+        expected = "missing" if change == "missing" else "size mismatch"
+        with pytest.raises(CorruptCheckpointError, match=rf"part/004\.bin.*{expected}"):
+            mgr.restore_directory(1, local_dir=tmp_path / "back")
+    assert not list((tmp_path / "back").rglob("*.bin"))  # nothing of a corrupted checkpoint is left behind
+
+
+def first_payload_request_seen(s3_proxy: Any, method: str) -> bool:
+    return any(r.method == method and "/part/" in r.target for r in s3_proxy.records)
+
+
+def test_an_interrupted_restore_stops_every_download_before_it_raises(
+    flaky_s3_backend: Backend, s3_proxy: Any, tmp_path: Path
+) -> None:
+    target = tmp_path / "back"
+    options = flaky_s3_backend.storage_options
+    with CheckpointManager(flaky_s3_backend.url, storage_options=options, retry=FAST, max_concurrency=2) as mgr:
+        with mgr.save_directory(1, force=True) as folder:
+            write_tree(folder, blobs(16, 64 * 1024))  # 0.25 s each on the throttled link, two at a time
+        s3_proxy.configure(bandwidth=256 * 1024)
+        with pytest.raises(KeyboardInterrupt), sigint_once(lambda: first_payload_request_seen(s3_proxy, "GET")):
+            mgr.restore_directory(1, local_dir=target)
+        requests = len(s3_proxy.records)
+        time.sleep(1.5)  # a download still running would now have created some of the files not yet started
+        assert not list(target.rglob("*.bin"))
+        assert len(s3_proxy.records) == requests
+        s3_proxy.heal()
+
+
+class TestBounded:
+    """loopio.bounded: the batch scheduler itself, without I/O."""
+
+    def test_results_come_back_in_order_with_at_most_limit_running(self) -> None:
+        running, most = 0, 0
+
+        def job(i: int) -> Any:
+            async def run() -> int:
+                nonlocal running, most
+                running += 1
+                most = max(most, running)
+                await asyncio.sleep(0.01 * (5 - i % 5))
+                running -= 1
+                return i
+
+            return run
+
+        assert asyncio.run(loopio.bounded([job(i) for i in range(12)], 3)) == list(range(12))
+        assert most == 3
+
+    def test_the_first_failure_cancels_the_rest_and_is_raised_after_they_end(self) -> None:
+        ended: list[str] = []
+
+        async def fail() -> None:
+            await asyncio.sleep(0.01)
+            raise ValueError("first")
+
+        async def slow() -> None:
+            try:
+                await asyncio.sleep(10)
+            finally:
+                ended.append("slow")
+
+        started = time.monotonic()
+        with pytest.raises(ValueError, match="first"):
+            asyncio.run(loopio.bounded([slow, fail, slow], 3))
+        assert time.monotonic() - started < 5
+        assert ended == ["slow", "slow"]
+
+
+class TestCallAsync:
+    def test_transient_errors_are_retried_and_permanent_ones_raised_at_once(self) -> None:
+        policy = RetryPolicy(attempts=3, initial_backoff=0.001, max_backoff=0.001)
+        calls: list[int] = []
+
+        async def flaky() -> str:
+            calls.append(1)
+            if len(calls) < 3:
+                raise ConnectionResetError("reset")
+            return "ok"
+
+        assert asyncio.run(policy.call_async(flaky, "read x")) == "ok" and len(calls) == 3
+
+        async def missing() -> None:
+            calls.append(1)
+            raise FileNotFoundError("x")
+
+        calls.clear()
+        with pytest.raises(FileNotFoundError):
+            asyncio.run(policy.call_async(missing, "read x"))
+        assert len(calls) == 1
