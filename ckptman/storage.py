@@ -182,6 +182,23 @@ class Storage:
 
         return self._guard("read", rel, attempt)
 
+    def downloads_in_ranges(self, size: int) -> bool:
+        """Whether :meth:`download_ranges` takes a file of ``size`` bytes (S3, more than one range)."""
+        return size > prefetch.RANGE and prefetch.can_download_ranges(self.fs)
+
+    def download_ranges(self, rel: str, local_path: str, size: int, on_bytes: Callable[[int], None]) -> int:
+        """Download a large file into ``local_path`` over concurrent ranged GETs; returns the size the object has.
+
+        When that is not ``size`` nothing was downloaded. Each range is
+        retried on its own; the caller checks the finished file's checksum.
+        """
+
+        def retrying(attempt: Callable[[], Awaitable[None]]) -> Awaitable[None]:
+            return self._guard_async("read", rel, attempt)
+
+        path = self.path(rel)
+        return loopio.run(self.fs, lambda: prefetch.download_ranges(self.fs, path, local_path, size, on_bytes, retrying))
+
     # -- many files at once: coroutines on an async backend's loop (ckptman.loopio) --
     def reads_in_batch(self, size: int) -> bool:
         """Whether :meth:`read_many_into` takes a file of ``size`` bytes (one streamed GET)."""

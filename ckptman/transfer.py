@@ -189,14 +189,26 @@ def _check(storage: Storage, rel: str, entry: FileEntry, size: int, actual: str)
 def download_verified(
     storage: Storage, rel: str, entry: FileEntry, local_path: str | None, callback: Callback = DEFAULT_CALLBACK
 ) -> None:
-    """Stream a payload file to ``local_path`` (or just through the hash when None) and verify it."""
+    """Stream a payload file to ``local_path`` (or just through the hash when None) and verify it.
+
+    A large file bound for a local path may arrive out of order (concurrent
+    ranges, :meth:`Storage.download_ranges`); it is hashed once complete,
+    from the page cache.
+    """
     if local_path is not None:
         os.makedirs(os.path.dirname(local_path) or ".", exist_ok=True)
     try:
-        hashed = storage.read_into(rel, lambda: _hashing_into(local_path, callback), entry.size)
+        if local_path is not None and storage.downloads_in_ranges(entry.size):
+            found = storage.download_ranges(rel, local_path, entry.size, callback.relative_update)
+            if found != entry.size:
+                raise _mismatch(storage, rel, "size", entry.size, found)
+            size, actual = checksum_local_file(local_path)
+        else:
+            hashed = storage.read_into(rel, lambda: _hashing_into(local_path, callback), entry.size)
+            size, actual = hashed.size, hashed.checksum
     except FileNotFoundError as exc:
         raise _missing(storage, rel) from exc
-    _check(storage, rel, entry, hashed.size, hashed.checksum)
+    _check(storage, rel, entry, size, actual)
 
 
 class Transfers:

@@ -19,15 +19,22 @@ from typing import Any
 
 import fsspec
 import pytest
+import torch
 from conftest import Backend, sigint_once
 from netproxy import match
 
 from ckptman import CheckpointManager, CorruptCheckpointError, RetryPolicy, loopio
 from ckptman.errors import StorageError
-from ckptman.prefetch import RANGE
+from ckptman.prefetch import RANGE, split
 
 FAST = RetryPolicy(attempts=4, initial_backoff=0.01, max_backoff=0.02)
 SMALL = 300 * 1024
+
+
+@pytest.fixture(params=["s3", "seaweedfs"])
+def s3_like(request: pytest.FixtureRequest) -> Backend:
+    backend: Backend = request.getfixturevalue(f"{request.param}_backend")
+    return backend
 
 
 @pytest.fixture(params=["s3", "seaweedfs", "gcs"])
@@ -114,6 +121,42 @@ def test_a_changed_small_file_fails_verification_naming_it(remote: Backend, tmp_
         with pytest.raises(CorruptCheckpointError, match=rf"part/004\.bin.*{expected}"):
             mgr.restore_directory(1, local_dir=tmp_path / "back")
     assert not list((tmp_path / "back").rglob("*.bin"))  # nothing of a corrupted checkpoint is left behind
+
+
+LARGE = 2 * RANGE + 5 * 2**20  # three ranges, the last one short
+
+
+def large_state_checkpoint(mgr: CheckpointManager) -> dict[str, Any]:
+    state = {"w": torch.arange(LARGE // 4, dtype=torch.float32)}
+    assert mgr.save(1, state, force=True)
+    return state
+
+
+def test_a_large_file_comes_back_over_concurrent_ranges_each_retried_on_its_own(
+    flaky_s3_backend: Backend, s3_proxy: Any
+) -> None:
+    with CheckpointManager(flaky_s3_backend.url, storage_options=flaky_s3_backend.storage_options, retry=FAST) as mgr:
+        state = large_state_checkpoint(mgr)
+        fs, path = stored_path(flaky_s3_backend, mgr, 1, "state.pt")
+        ranges = [f"bytes={a}-{b - 1}" for a, b in split(fs.info(path)["size"])]
+        s3_proxy.reset_stats()
+        s3_proxy.fail_next(1, "reset_mid", match(method="GET", path_contains="state.pt", header=("range", ranges[1])))
+        assert torch.equal(mgr.restore(1)["w"], state["w"])
+    asked = [r.headers.get("range") for r in s3_proxy.records if r.method == "GET" and "state.pt" in r.target]
+    assert len(ranges) == 3 and sorted(asked) == sorted([*ranges, ranges[1]])  # each range once, the cut one again
+    assert s3_proxy.stats.faults["reset_mid"] == 1
+
+
+@pytest.mark.parametrize("change", ["shrank", "grew", "same size, other bytes"])
+def test_a_changed_large_file_fails_verification(s3_like: Backend, change: str) -> None:
+    with CheckpointManager(s3_like.url, storage_options=s3_like.storage_options, retry=FAST) as mgr:
+        large_state_checkpoint(mgr)
+        fs, path = stored_path(s3_like, mgr, 1, "state.pt")
+        data = fs.cat_file(path)
+        changed = {"shrank": data[: -RANGE], "grew": data + b"x", "same size, other bytes": data[:-1] + bytes([data[-1] ^ 1])}
+        fs.pipe_file(path, changed[change])
+        with pytest.raises(CorruptCheckpointError, match="checksum mismatch" if change.startswith("same") else "size mismatch"):
+            mgr.restore(1)
 
 
 def first_payload_request_seen(s3_proxy: Any, method: str) -> bool:
