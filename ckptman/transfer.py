@@ -216,7 +216,8 @@ class Transfers:
 
     Threads give parallelism on every backend: local copies release the GIL in
     I/O, and async filesystems (s3fs, gcsfs) run the threads' requests
-    concurrently on fsspec's event loop.
+    concurrently on fsspec's event loop. Files that fit one request skip the
+    threads there and go as a batch of coroutines (:mod:`ckptman.loopio`).
     """
 
     def __init__(self, max_concurrency: int, progress: bool | None) -> None:
