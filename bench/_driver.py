@@ -160,8 +160,12 @@ def fmt_value(value: float, kind: str) -> str:
     return f"{value:.3g}"
 
 
-def run_interleaved(group: Group, contenders: list[Contender], repeats: int) -> None:
-    """Warm up every contender, then run them round-robin (rotating the order each repeat)."""
+def run_interleaved(group: Group, contenders: list[Contender], repeats: int, settle: Callable[[], None] | None = None) -> None:
+    """Warm up every contender, then run them round-robin (rotating the order each repeat).
+
+    ``settle`` runs (untimed) before every measurement, e.g. to wait until a
+    server has finished the background work the previous one left it.
+    """
     rows = {row.contender: row for row in group.rows}
     active: list[Contender] = []
     for c in contenders:
@@ -181,6 +185,8 @@ def run_interleaved(group: Group, contenders: list[Contender], repeats: int) -> 
                 if rows[c.labels[0]].status is not None:
                     continue
                 gc.collect()
+                if settle is not None:
+                    settle()
                 try:
                     values = c.measure(rep)
                 except Exception as exc:  # noqa: BLE001

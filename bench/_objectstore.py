@@ -116,6 +116,20 @@ class Server:
         used = after.user - client.user + after.system - client.system
         self.cpu.setdefault(label, []).append((used, self.weed.ask("cpu")["cpu"] - server))
 
+    def settle(self, idle_share: float = 0.05, window: float = 0.25, longest: float = 20.0) -> None:
+        """Wait (untimed) until SeaweedFS uses under ``idle_share`` of a core: the deletes and volume
+        housekeeping one measurement leaves must not run into the next. No-op on moto (no meter)."""
+        if self.weed is None:
+            return
+        deadline = time.monotonic() + longest
+        before = self.weed.ask("cpu")["cpu"]
+        while time.monotonic() < deadline:
+            time.sleep(window)
+            now = self.weed.ask("cpu")["cpu"]
+            if now - before < idle_share * window:
+                return
+            before = now
+
     def cpu_note(self, labels: list[str]) -> str | None:
         """'client / server CPU s per run' of the labels measured, medians; None without a server meter."""
         import statistics
@@ -263,7 +277,7 @@ def directory_upload(cfg: Config, server: Server, key: str, count: int, size: in
         label = "  s3fs put, no proxy"
         contenders.append(Contender([label], lambda rep: put(blobs, server.direct, label), setup=lambda: put(tiny, server.direct, label)))
     try:
-        run_interleaved(group, contenders, cfg.repeats)
+        run_interleaved(group, contenders, cfg.repeats, server.settle)
     finally:
         scratch.clean()
     _cpu_note(group, server, ["s3fs put", "ckptman upload+commit"])
@@ -328,7 +342,7 @@ def directory_restore(cfg: Config, server: Server, key: str) -> Group:
             rm(target)
 
     try:
-        run_interleaved(group, [Contender(["s3fs get"], get), Contender(["ckptman restore_directory"], restore, setup, ck.close)], cfg.repeats)
+        run_interleaved(group, [Contender(["s3fs get"], get), Contender(["ckptman restore_directory"], restore, setup, ck.close)], cfg.repeats, server.settle)
     finally:
         scratch.clean()
         server.remove(plain)
@@ -415,7 +429,7 @@ def state_save(cfg: Config, server: Server, key: str, mib: int, repeats: int) ->
         Contender(["  s3fs put of the bytes, serialized before"], upload_only),
     ]
     try:
-        run_interleaved(group, contenders, repeats)
+        run_interleaved(group, contenders, repeats, server.settle)
     finally:
         serialized.clean()
     _cpu_note(group, server, ["torch.save into s3fs file", "ckptman save", "upload only"])
@@ -480,7 +494,7 @@ def state_restore(cfg: Config, server: Server, key: str, mib: int, repeats: int)
         return {"ckptman restore": time.perf_counter() - t0}
 
     try:
-        run_interleaved(group, [Contender(["s3fs get_file + torch.load"], get), Contender(["ckptman restore"], restore, setup, ck.close)], repeats)
+        run_interleaved(group, [Contender(["s3fs get_file + torch.load"], get), Contender(["ckptman restore"], restore, setup, ck.close)], repeats, server.settle)
     finally:
         scratch.clean()
         server.remove(plain)
