@@ -164,13 +164,13 @@ class Storage:
         GET, and a larger one (``size`` from a manifest) has ranged GETs in
         flight while the sink takes the bytes (:mod:`ckptman.prefetch`).
         """
+        if self.reads_in_batch(size or 0):  # an unknown size streams too: one GET whatever it is
+            return self.read_many_into([(rel, open_sink)], 1)[0]
         path = self.path(rel)
 
         def attempt() -> W:
             with open_sink() as sink:
-                if (size is None or size <= prefetch.RANGE) and loopio.can_stream(self.fs):
-                    loopio.run(self.fs, lambda: loopio.stream_into(self.fs, path, sink))
-                elif size and prefetch.can_prefetch(self.fs):
+                if size and prefetch.can_prefetch(self.fs):
                     with prefetch.RangeReader(self.fs, path, size) as reader:
                         while piece := reader.read():
                             sink.write(piece)
