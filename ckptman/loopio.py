@@ -32,6 +32,11 @@ def is_async(fs: Any) -> bool:
     return isinstance(fs, AsyncFileSystem)
 
 
+def has_s3_client(fs: Any) -> bool:
+    """s3fs: its botocore client's calls (``_call_s3``) run on the loop, as s3fs's own transfers call them."""
+    return hasattr(fs, "_call_s3") and hasattr(fs, "split_path")
+
+
 def can_stream(fs: Any) -> bool:
     """Whether the filesystem streams a body through ``open_async`` (s3fs does; gcsfs keeps fsspec's NotImplementedError)."""
     return is_async(fs) and type(fs).open_async is not AsyncFileSystem.open_async

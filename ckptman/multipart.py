@@ -23,6 +23,8 @@ from typing import Any, Callable, cast
 
 from fsspec.asyn import sync
 
+from ckptman import loopio
+
 MiB = 2**20
 PART_SIZE = 8 * MiB
 """Part size unless the filesystem's block size is smaller (S3 accepts parts down to 5 MiB).
@@ -42,7 +44,7 @@ _PARTS_PER_SIZE = 1000  # the part size doubles every 1000 parts: S3 allows 10,0
 
 def opener_for(fs: Any) -> Callable[[str], PartUpload] | None:
     """How to open a concurrent upload on ``fs``, or None where fsspec's own file is used (not S3)."""
-    if not (hasattr(fs, "_call_s3") and hasattr(fs, "split_path")):
+    if not loopio.has_s3_client(fs):
         return None
     part_size, single_put_limit = _sizes(fs)
     return lambda path: PartUpload(fs, path, part_size, single_put_limit)

@@ -24,13 +24,11 @@ from collections import deque
 from concurrent.futures import Future
 from typing import Any, Awaitable, Callable
 
-from ckptman.loopio import STREAM_CHUNK, bounded
+from ckptman.loopio import STREAM_CHUNK, bounded, has_s3_client
 
 RANGE = 16 * 2**20
 AHEAD = 4
 """Ranges downloading at once: memory stays ``AHEAD x RANGE`` whatever the file's size."""
-
-
 STREAMS = 8
 """Ranged GETs of one file downloading at once (s3fs.get_file uses 10, each buffered whole in memory)."""
 
@@ -41,7 +39,7 @@ def can_prefetch(fs: Any) -> bool:
 
 def can_download_ranges(fs: Any) -> bool:
     """S3 (s3fs): its client streams a ranged GET's body (as s3fs's own get_file calls it)."""
-    return hasattr(fs, "_call_s3") and hasattr(fs, "split_path")
+    return has_s3_client(fs)
 
 
 def split(size: int) -> list[tuple[int, int]]:
@@ -51,7 +49,7 @@ def split(size: int) -> list[tuple[int, int]]:
     return [(start, min(start + step, size)) for start in range(0, size, step)]
 
 
-Retrying = Callable[[Callable[[], Awaitable[None]]], Awaitable[None]]
+Retrying = Callable[[Callable[[], Awaitable[Any]]], Awaitable[Any]]
 
 
 async def download_ranges(
@@ -87,12 +85,7 @@ async def download_ranges(
     fd = os.open(local_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         ranges = split(size)
-        first: dict[str, Any] = {}
-
-        async def open_first() -> None:
-            first.update(await get(*ranges[0]))
-
-        await retrying(open_first)
+        first = await retrying(lambda: get(*ranges[0]))
         actual = int(str(first.get("ContentRange", f"/{size}")).rpartition("/")[2])
         if actual != size:
             first["Body"].close()

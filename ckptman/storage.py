@@ -193,7 +193,7 @@ class Storage:
         retried on its own; the caller checks the finished file's checksum.
         """
 
-        def retrying(attempt: Callable[[], Awaitable[None]]) -> Awaitable[None]:
+        def retrying(attempt: Callable[[], Awaitable[Any]]) -> Awaitable[Any]:
             return self._guard_async("read", rel, attempt)
 
         path = self.path(rel)

@@ -253,7 +253,7 @@ class Transfers:
                     return load
 
                 storage.write_many([(items[i][1], loader(i)) for i in batch], self.max_concurrency)
-            rest = [i for i in range(len(items)) if entries[i] is None]
+            rest = sorted(set(range(len(items))) - set(batch))
             uploaded = self.run_each(lambda i: upload_file(storage, *items[i], stop, callback), rest, stop)
         for i, entry in zip(rest, uploaded):
             entries[i] = entry
@@ -265,8 +265,10 @@ class Transfers:
         Files that fit one request stream together on an async backend's loop
         (:meth:`Storage.read_many_into`), the others through threads.
         """
-        batch = [item for item in items if storage.reads_in_batch(item[1].size)]
-        rest = [item for item in items if not storage.reads_in_batch(item[1].size)]
+        batch: list[tuple[str, FileEntry, str | None]] = []
+        rest: list[tuple[str, FileEntry, str | None]] = []
+        for item in items:
+            (batch if storage.reads_in_batch(item[1].size) else rest).append(item)
         with self.progress.bar(f"download {len(items)} files", sum(entry.size for _, entry, _ in items)) as callback:
             if batch:
                 for local_path in (local for _, _, local in batch if local is not None):
