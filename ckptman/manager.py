@@ -110,7 +110,7 @@ class CheckpointManager:
         timeout = distributed.check_timeout(dist_timeout)
         self._read_only = bool(read_only)
         self._closed = False
-        self._storage = Storage(directory, storage_options, retry)
+        self._storage = Storage(directory, storage_options, retry, transfers.max_concurrency)
         self._place = Place(self._storage, transfers, dict(storage_options or {}))
         self._catalog = Catalog(self._storage.url)
         self._books = Bookkeeper(self._storage, self._policy, self._names, self._catalog, self._read_only)

@@ -52,6 +52,28 @@ _READ_CHUNK = 8 * 2**20
 
 _EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}
 
+DEFAULT_IN_FLIGHT = 16  # CheckpointManager's default max_concurrency
+_BOTOCORE_POOL = 10  # botocore's default max_pool_connections
+_POOL_HEADROOM = 4  # the lease read and the commit's small objects, beside a full batch of transfers
+
+
+def sized_connection_pool(url: str, storage_options: Mapping[str, Any], in_flight: int) -> dict[str, Any]:
+    """``storage_options`` whose S3 client can carry ``in_flight`` requests at once, unless the user sized its pool.
+
+    botocore (under s3fs) opens at most ``max_pool_connections`` connections,
+    10 by default, and queues every request beyond them: a manager moving 16
+    files at once waited on the pool, not on the network (16 x 16 MiB through
+    a 20 ms, 32 MiB/s-per-connection link: 1.78 s with 10 connections, 1.36 s
+    with 20). gcsfs's aiohttp pool holds 100; other backends are left alone.
+    """
+    options = dict(storage_options)
+    if url.split("://", 1)[0] not in ("s3", "s3a") or "config" in (options.get("client_kwargs") or {}):
+        return options  # not S3, or the user passes a whole botocore Config: theirs stands
+    config = dict(options.get("config_kwargs") or {})
+    config.setdefault("max_pool_connections", max(_BOTOCORE_POOL, in_flight + _POOL_HEADROOM))
+    options["config_kwargs"] = config
+    return options
+
 
 def _open_filesystem(url: str, storage_options: Mapping[str, Any]) -> tuple[fsspec.AbstractFileSystem, str]:
     try:
@@ -79,12 +101,18 @@ class Storage:
     """A checkpoint directory on any fsspec filesystem."""
 
     def __init__(
-        self, url: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None, retry: RetryPolicy | None = None
+        self,
+        url: str | os.PathLike[str],
+        storage_options: Mapping[str, Any] | None = None,
+        retry: RetryPolicy | None = None,
+        in_flight: int = DEFAULT_IN_FLIGHT,
     ) -> None:
+        """``in_flight``: how many transfers the caller runs at once; the client's connection pool is sized for them."""
         self.retry = retry or RetryPolicy()
         if not isinstance(url, (str, os.PathLike)):
             raise TypeError(f"directory must be a path or URL string, got {type(url).__name__}")
-        self.fs, root = _open_filesystem(os.fspath(url), dict(storage_options or {}))
+        url = os.fspath(url)
+        self.fs, root = _open_filesystem(url, sized_connection_pool(url, storage_options or {}, in_flight))
         self.root = root.rstrip("/") or root
         self.is_local = isinstance(self.fs, LocalFileSystem)
         if self.is_local:

@@ -6,7 +6,8 @@ the threaded multipart uploads and ranged reads. What must hold whichever
 path a file takes: the bytes round-trip, every file is checked against the
 manifest, a request that fails midway is retried from the start (never
 appended to), a missing or changed file is a CorruptCheckpointError naming
-it, and an interrupt leaves nothing still transferring once it has been raised.
+it, an interrupt leaves nothing still transferring once it has been raised,
+and a batch of ``max_concurrency`` requests really is on the wire at once.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from netproxy import match
 from ckptman import CheckpointManager, CorruptCheckpointError, RetryPolicy, loopio
 from ckptman.errors import StorageError
 from ckptman.prefetch import RANGE, split
+from ckptman.storage import sized_connection_pool
 
 FAST = RetryPolicy(attempts=4, initial_backoff=0.01, max_backoff=0.02)
 SMALL = 300 * 1024
@@ -179,6 +181,65 @@ def test_an_interrupted_restore_stops_every_download_before_it_raises(
         assert not list(target.rglob("*.bin"))
         assert len(s3_proxy.records) == requests
         s3_proxy.heal()
+
+
+def connections_of(proxy: Any, method: str) -> set[int]:
+    return {r.connection for r in proxy.records if r.method == method and ".bin" in r.target}
+
+
+def test_a_full_batch_is_on_the_wire_at_once_each_request_on_its_own_connection(
+    s3_backend: Backend, s3_proxy: Any, tmp_path: Path
+) -> None:
+    """max_concurrency=16 means 16 requests in flight: botocore's default pool of 10 connections queued six."""
+    s3_proxy.configure(latency=0.1)  # every request holds its connection while all 16 start
+    options = {**s3_backend.storage_options, "client_kwargs": {"endpoint_url": s3_proxy.url}}
+    files = blobs(16, 1000)
+    with CheckpointManager(s3_backend.url, storage_options=options, max_concurrency=16, retry=FAST) as mgr:
+        s3_proxy.reset_stats()
+        with mgr.save_directory(1, force=True) as folder:
+            write_tree(folder, files)
+        uploads = connections_of(s3_proxy, "PUT")
+        s3_proxy.reset_stats()
+        restored = mgr.restore_directory(1, local_dir=tmp_path / "back")
+        downloads = connections_of(s3_proxy, "GET")
+    assert read_tree(restored) == files
+    assert len(uploads) == 16 and len(downloads) == 16
+
+
+def test_a_connection_pool_the_user_sized_stands(s3_backend: Backend, s3_proxy: Any) -> None:
+    s3_proxy.configure(latency=0.05)
+    options = {
+        **s3_backend.storage_options,
+        "client_kwargs": {"endpoint_url": s3_proxy.url},
+        "config_kwargs": {"max_pool_connections": 3},
+    }
+    with CheckpointManager(s3_backend.url, storage_options=options, max_concurrency=16, retry=FAST) as mgr:
+        s3_proxy.reset_stats()
+        with mgr.save_directory(1, force=True) as folder:
+            write_tree(folder, blobs(12, 1000))
+        assert 1 <= len(connections_of(s3_proxy, "PUT")) <= 3
+        assert mgr.verify(1).ok
+
+
+class TestSizedConnectionPool:
+    """storage.sized_connection_pool: the options ckptman opens the filesystem with, without I/O."""
+
+    def test_an_s3_pool_holds_the_transfers_and_the_commit_beside_them(self) -> None:
+        options = {"key": "k", "config_kwargs": {"read_timeout": 5}}
+        sized = sized_connection_pool("s3://bucket/run", options, 16)
+        assert sized == {"key": "k", "config_kwargs": {"read_timeout": 5, "max_pool_connections": 20}}
+        assert options == {"key": "k", "config_kwargs": {"read_timeout": 5}}, "the caller's options are not changed"
+        assert sized_connection_pool("s3a://bucket/run", {}, 1) == {"config_kwargs": {"max_pool_connections": 10}}
+
+    def test_what_the_user_chose_stands(self) -> None:
+        chosen = {"config_kwargs": {"max_pool_connections": 3}}
+        assert sized_connection_pool("s3://bucket/run", chosen, 16) == chosen
+        whole_config = {"client_kwargs": {"config": object()}}  # a botocore Config of their own
+        assert sized_connection_pool("s3://bucket/run", whole_config, 16) == whole_config
+
+    @pytest.mark.parametrize("url", ["gs://bucket/run", "memory://run", "/tmp/run", "file:///tmp/run"])
+    def test_other_backends_are_left_alone(self, url: str) -> None:
+        assert sized_connection_pool(url, {"token": "anon"}, 16) == {"token": "anon"}
 
 
 class TestBounded:

@@ -156,7 +156,7 @@ class TestCommitProtocol:
     def test_interrupted_delete_leaves_no_complete_looking_folder(self, backend: Any, monkeypatch: Any) -> None:
         mgr = manager(backend, keep_last=1)
         mgr.save(1, state(1))
-        fs, _ = backend.fs()  # the same cached filesystem object the manager uses
+        fs = mgr._storage.fs  # the manager's own filesystem (on S3 opened with a larger connection pool)
         original = fs.rm
 
         def rm_fails_on_trees(path: Any, recursive: bool = False, **kwargs: Any) -> Any:
