@@ -27,6 +27,13 @@ from typing import Any, Callable, Iterator
 from _common import BUCKET, HERE, MiB, make_state, s3_options
 from _driver import Config, Contender, Group, Row, Scratch, _version, log, manager, ratio_at_most, rm, run_interleaved
 
+from ckptman.storage import DEFAULT_IN_FLIGHT, sized_connection_pool
+
+#: the botocore pool ckptman opens for its default max_concurrency (botocore's own default is 10)
+POOLED = sized_connection_pool("s3://bucket", {}, DEFAULT_IN_FLIGHT)["config_kwargs"]["max_pool_connections"]
+POOLED_PUT = f"  s3fs put, pool of {POOLED}"
+POOLED_GET = f"  s3fs get, pool of {POOLED}"
+
 
 class ChildServer:
     """bench/_s3server.py in a subprocess (moto, SeaweedFS or the proxy); stopped by closing its stdin."""
@@ -84,7 +91,9 @@ class Server:
         if name == "s3":
             self.direct.mkdir(BUCKET)
         self.opts = s3_options(f"http://127.0.0.1:{port}")
-        self.fs = fsspec.filesystem("s3", **self.opts)  # the same cached instance ckptman gets for these options
+        self.fs = fsspec.filesystem("s3", **self.opts)  # what a user gets for these options: botocore's pool of 10
+        # s3fs with the connection pool ckptman opens for max_concurrency=16 (storage.sized_connection_pool)
+        self.pooled = fsspec.filesystem("s3", **{**self.opts, "config_kwargs": {"max_pool_connections": POOLED}})
 
     def _start(self, args: list[str]) -> ChildServer:
         child = ChildServer(args)
@@ -103,6 +112,7 @@ class Server:
             self.direct.rm(prefix, recursive=True)
         self.direct.invalidate_cache()
         self.fs.invalidate_cache()
+        self.pooled.invalidate_cache()
 
     @contextlib.contextmanager
     def metered(self, label: str) -> Iterator[None]:
@@ -205,6 +215,7 @@ def directory_upload(cfg: Config, server: Server, key: str, count: int, size: in
         Row("s3fs put", baseline=True),
         Row("ckptman upload+commit", goal="<= 1.00x", check=ratio_at_most(1.00)),
         Row("  ckptman whole block"),
+        Row(POOLED_PUT),
     ]
     if server.proxy is not None:
         group.rows.append(Row("  s3fs put, no proxy"))
@@ -273,6 +284,7 @@ def directory_upload(cfg: Config, server: Server, key: str, count: int, size: in
             teardown=ck.close,
         ),
     ]
+    contenders.append(Contender([POOLED_PUT], lambda rep: put(blobs, server.pooled, POOLED_PUT), setup=lambda: put(tiny, server.pooled, POOLED_PUT)))
     if server.proxy is not None:
         label = "  s3fs put, no proxy"
         contenders.append(Contender([label], lambda rep: put(blobs, server.direct, label), setup=lambda: put(tiny, server.direct, label)))
@@ -285,7 +297,9 @@ def directory_upload(cfg: Config, server: Server, key: str, count: int, size: in
         f"{count} files of {size / MiB:g} MiB; s3fs put = fs.put(local_dir, prefix, recursive=True) of files written "
         "(untimed) just before; upload+commit = from the end of writing the same files inside "
         "`with mgr.save_directory(step)` to its exit (upload with xxh3 checksums, manifest, 'latest', sidecar); "
-        "whole block adds mkdtemp and the local writes"
+        f"whole block adds mkdtemp and the local writes; '{POOLED_PUT.strip()}' = the same s3fs put with "
+        f"config_kwargs max_pool_connections={POOLED}, the pool ckptman opens for its default max_concurrency=16 "
+        "(botocore's default is 10)"
         + ("; 'no proxy' goes straight to moto: the ceiling of this machine's loopback S3" if server.proxy else "")
         + (f"; requests per save through the proxy: {', '.join(f'{k} {v}' for k, v in requests.items())}" if requests else "")
     )
@@ -303,6 +317,7 @@ def directory_restore(cfg: Config, server: Server, key: str) -> Group:
     group.rows = [
         Row("s3fs get", baseline=True),
         Row("ckptman restore_directory", goal="<= 1.00x", check=ratio_at_most(1.00)),
+        Row(POOLED_GET),
     ]
     scratch = Scratch(cfg.base, "download")
     blobs = [os.urandom(size) for _ in range(count)]
@@ -312,15 +327,15 @@ def directory_restore(cfg: Config, server: Server, key: str) -> Group:
     server.fs.put(src + "/", plain, recursive=True)
     ck = OpenManager(server)
 
-    def get(rep: int) -> dict[str, float]:
+    def get(fs: Any, label: str) -> dict[str, float]:
         target = scratch.new("get", create=False)
         try:
             t0 = time.perf_counter()
-            server.fs.get(plain + "/", target + "/", recursive=True)
+            fs.get(plain + "/", target + "/", recursive=True)
             elapsed = time.perf_counter() - t0
             if len(os.listdir(target)) != count:
                 raise RuntimeError(f"s3fs get fetched {os.listdir(target)}")
-            return {"s3fs get": elapsed}
+            return {label: elapsed}
         finally:
             rm(target)
 
@@ -342,13 +357,20 @@ def directory_restore(cfg: Config, server: Server, key: str) -> Group:
             rm(target)
 
     try:
-        run_interleaved(group, [Contender(["s3fs get"], get), Contender(["ckptman restore_directory"], restore, setup, ck.close)], cfg.repeats, server.settle)
+        contenders = [
+            Contender(["s3fs get"], lambda rep: get(server.fs, "s3fs get")),
+            Contender(["ckptman restore_directory"], restore, setup, ck.close),
+            Contender([POOLED_GET], lambda rep: get(server.pooled, POOLED_GET)),
+        ]
+        run_interleaved(group, contenders, cfg.repeats, server.settle)
     finally:
         scratch.clean()
         server.remove(plain)
     group.notes.append(
         "s3fs get = fs.get(prefix, local_dir, recursive=True), unverified; ckptman = mgr.restore_directory(step, "
-        "local_dir=...), every file checked against its size and xxh3 checksum while it streams; each into a new folder"
+        "local_dir=...), every file checked against its size and xxh3 checksum while it streams; each into a new folder; "
+        f"'{POOLED_GET.strip()}' = the same s3fs get with config_kwargs max_pool_connections={POOLED}, the pool ckptman "
+        "opens for its default max_concurrency=16 (botocore's default is 10)"
     )
     return group
 
