@@ -63,16 +63,21 @@ async def download_ranges(
     through ``retrying`` (writing at offsets makes a retry overwrite, never append).
     """
     bucket, key, _ = fs.split_path(path)
+    reached: dict[int, int] = {}  # range start -> furthest offset reported: a retried range re-reports nothing
 
     async def get(start: int, end: int) -> Any:
         return await fs._call_s3("get_object", Bucket=bucket, Key=key, Range=f"bytes={start}-{end - 1}")
 
-    async def write_body(body: Any, offset: int) -> None:
+    async def write_body(body: Any, start: int) -> None:
+        offset = start
         try:
             while chunk := await body.read(STREAM_CHUNK):
                 os.pwrite(fd, chunk, offset)
                 offset += len(chunk)
-                on_bytes(len(chunk))
+                counted = reached.get(start, start)
+                if offset > counted:
+                    on_bytes(offset - counted)
+                    reached[start] = offset
         finally:
             body.close()
 

@@ -18,7 +18,7 @@ from fsspec.callbacks import DEFAULT_CALLBACK, Callback, TqdmCallback
 
 logger = logging.getLogger("ckptman")
 
-__all__ = ["DEFAULT_CALLBACK", "Callback", "Progress"]
+__all__ = ["DEFAULT_CALLBACK", "Callback", "FileProgress", "Progress"]
 
 LONG_TRANSFER = 64 * 1024 * 1024  # smaller transfers are not worth a bar or a log line
 
@@ -48,6 +48,31 @@ class _Reporter(Callback):
         if self.value >= LONG_TRANSFER:
             seconds = time.monotonic() - self._start
             logger.info("%s: %d MiB in %.1fs", self._description, self.value >> 20, seconds)
+
+
+class FileProgress(Callback):
+    """One file's bytes, counted once towards a transfer's callback, however often the file is retried.
+
+    Each attempt starts with :meth:`attempt`; bytes are passed on only past
+    the furthest point an earlier attempt reached, so a retried file does not
+    push the bar (and the logged total) past its real size.
+    """
+
+    def __init__(self, callback: Callback) -> None:
+        super().__init__()
+        self._callback = callback
+        self._counted = 0  # the furthest any attempt got
+        self._this_attempt = 0
+
+    def attempt(self) -> FileProgress:
+        self._this_attempt = 0
+        return self
+
+    def relative_update(self, inc: int = 1) -> None:
+        self._this_attempt += inc
+        if self._this_attempt > self._counted:
+            self._callback.relative_update(self._this_attempt - self._counted)
+            self._counted = self._this_attempt
 
 
 class Progress:

@@ -8,7 +8,6 @@ same pass as the write and never needs a second read.
 from __future__ import annotations
 
 import contextlib
-import functools
 import io
 import mmap
 import os
@@ -22,7 +21,7 @@ import xxhash
 from ckptman.errors import CorruptCheckpointError
 from ckptman.manifest import FileEntry
 from ckptman import staging
-from ckptman.progress import DEFAULT_CALLBACK, Callback, Progress
+from ckptman.progress import DEFAULT_CALLBACK, Callback, FileProgress, Progress
 from ckptman.storage import Storage, UploadStopped
 
 ALGORITHM = "xxh3_128"
@@ -80,8 +79,10 @@ def write_stream(
     the upload is aborted rather than published (:meth:`Storage.write_file`).
     """
 
+    progress = FileProgress(callback)
+
     def attempt(target: IO[bytes]) -> ChecksumWriter:
-        writer = ChecksumWriter(target, callback)
+        writer = ChecksumWriter(target, progress.attempt())
         produce(writer)  # type: ignore[arg-type]
         writer.flush()
         return writer
@@ -147,6 +148,11 @@ def _hashing_into(local_path: str | None, callback: Callback = DEFAULT_CALLBACK)
         yield ChecksumWriter(target, callback)
 
 
+def _attempts_into(local_path: str | None, progress: FileProgress) -> Callable[[], contextlib.AbstractContextManager[ChecksumWriter]]:
+    """The sink opener for one file's attempts: each a fresh sink, the file's bytes counted once."""
+    return lambda: _hashing_into(local_path, progress.attempt())
+
+
 def describe_stored(storage: Storage, rel: str, entry_path: str) -> FileEntry:
     """The manifest entry of a file another writer (DCP) already stored: one read pass to checksum it."""
     local = storage.local_path(rel)
@@ -204,7 +210,7 @@ def download_verified(
                 raise _mismatch(storage, rel, "size", entry.size, found)
             size, actual = checksum_local_file(local_path)
         else:
-            hashed = storage.read_into(rel, lambda: _hashing_into(local_path, callback), entry.size)
+            hashed = storage.read_into(rel, _attempts_into(local_path, FileProgress(callback)), entry.size)
             size, actual = hashed.size, hashed.checksum
     except FileNotFoundError as exc:
         raise _missing(storage, rel) from exc
@@ -242,12 +248,14 @@ class Transfers:
             if batch:
 
                 def loader(i: int) -> Callable[[], bytes]:
-                    def load() -> bytes:
+                    progress = FileProgress(callback)
+
+                    def load() -> bytes:  # once per attempt
                         local, _, entry_path = items[i]
                         with open(local, "rb") as f:
                             data = f.read()
                         entries[i] = FileEntry(entry_path, len(data), checksum_of(data))
-                        callback.relative_update(len(data))
+                        progress.attempt().relative_update(len(data))
                         return data
 
                     return load
@@ -273,7 +281,7 @@ class Transfers:
             if batch:
                 for local_path in (local for _, _, local in batch if local is not None):
                     os.makedirs(os.path.dirname(local_path) or ".", exist_ok=True)
-                openers = [(rel, functools.partial(_hashing_into, local, callback)) for rel, _, local in batch]
+                openers = [(rel, _attempts_into(local, FileProgress(callback))) for rel, _, local in batch]
                 try:
                     hashed = storage.read_many_into(openers, self.max_concurrency)
                 except FileNotFoundError as exc:

@@ -13,6 +13,7 @@ and a batch of ``max_concurrency`` requests really is on the wire at once.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 from pathlib import Path
@@ -181,6 +182,30 @@ def test_an_interrupted_restore_stops_every_download_before_it_raises(
         assert not list(target.rglob("*.bin"))
         assert len(s3_proxy.records) == requests
         s3_proxy.heal()
+
+
+MiB = 2**20
+
+
+def test_retried_files_count_once_towards_the_progress_total(
+    flaky_s3_backend: Backend, s3_proxy: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A file sent or fetched again after a failure midway adds nothing to the total until it passes where it got."""
+    files = {**blobs(4, 15 * MiB), "big.bin": os.urandom(40 * MiB)}  # batched files, and one multipart / ranged
+    total = sum(map(len, files.values())) >> 20
+    with CheckpointManager(flaky_s3_backend.url, storage_options=flaky_s3_backend.storage_options, retry=FAST) as mgr:
+        s3_proxy.fail_next(1, "500", match(method="PUT", path_contains="part/001.bin"))
+        s3_proxy.fail_next(1, "500", match(method="PUT", path_contains="big.bin"))
+        with caplog.at_level(logging.INFO, logger="ckptman"), mgr.save_directory(1, force=True) as folder:
+            write_tree(folder, files)
+        s3_proxy.fail_next(1, "reset_mid", match(method="GET", path_contains="part/002.bin"))
+        s3_proxy.fail_next(1, "reset_mid", match(method="GET", path_contains="big.bin"))
+        with caplog.at_level(logging.INFO, logger="ckptman"):
+            restored = mgr.restore_directory(1, local_dir=tmp_path / "back")
+    assert s3_proxy.stats.faults["500"] == 2 and s3_proxy.stats.faults["reset_mid"] == 2
+    assert read_tree(restored) == files
+    assert f"upload 5 files: {total} MiB in" in caplog.text
+    assert f"download 5 files: {total} MiB in" in caplog.text
 
 
 def connections_of(proxy: Any, method: str) -> set[int]:
