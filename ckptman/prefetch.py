@@ -25,6 +25,7 @@ from concurrent.futures import Future
 from typing import Any, Awaitable, Callable
 
 from ckptman.loopio import STREAM_CHUNK, bounded, has_s3_client
+from ckptman.progress import FileProgress
 
 RANGE = 16 * 2**20
 AHEAD = 4
@@ -63,21 +64,19 @@ async def download_ranges(
     through ``retrying`` (writing at offsets makes a retry overwrite, never append).
     """
     bucket, key, _ = fs.split_path(path)
-    reached: dict[int, int] = {}  # range start -> furthest offset reported: a retried range re-reports nothing
+    ranges = split(size)
+    progress = {start: FileProgress(on_bytes) for start, _ in ranges}  # a retried range re-reports nothing
 
     async def get(start: int, end: int) -> Any:
         return await fs._call_s3("get_object", Bucket=bucket, Key=key, Range=f"bytes={start}-{end - 1}")
 
     async def write_body(body: Any, start: int) -> None:
-        offset = start
+        offset, counter = start, progress[start].attempt()
         try:
             while chunk := await body.read(STREAM_CHUNK):
                 os.pwrite(fd, chunk, offset)
                 offset += len(chunk)
-                counted = reached.get(start, start)
-                if offset > counted:
-                    on_bytes(offset - counted)
-                    reached[start] = offset
+                counter.relative_update(len(chunk))
         finally:
             body.close()
 
@@ -89,7 +88,6 @@ async def download_ranges(
 
     fd = os.open(local_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        ranges = split(size)
         first = await retrying(lambda: get(*ranges[0]))
         actual = int(str(first.get("ContentRange", f"/{size}")).rpartition("/")[2])
         if actual != size:

@@ -12,7 +12,7 @@ import logging
 import sys
 import threading
 import time
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from fsspec.callbacks import DEFAULT_CALLBACK, Callback, TqdmCallback
 
@@ -51,16 +51,16 @@ class _Reporter(Callback):
 
 
 class FileProgress(Callback):
-    """One file's bytes, counted once towards a transfer's callback, however often the file is retried.
+    """One file's (or range's) bytes, reported once to ``report``, however often it is retried.
 
     Each attempt starts with :meth:`attempt`; bytes are passed on only past
     the furthest point an earlier attempt reached, so a retried file does not
     push the bar (and the logged total) past its real size.
     """
 
-    def __init__(self, callback: Callback) -> None:
+    def __init__(self, report: Callable[[int], None]) -> None:
         super().__init__()
-        self._callback = callback
+        self._report = report  # e.g. a transfer's callback.relative_update
         self._counted = 0  # the furthest any attempt got
         self._this_attempt = 0
 
@@ -71,7 +71,7 @@ class FileProgress(Callback):
     def relative_update(self, inc: int = 1) -> None:
         self._this_attempt += inc
         if self._this_attempt > self._counted:
-            self._callback.relative_update(self._this_attempt - self._counted)
+            self._report(self._this_attempt - self._counted)
             self._counted = self._this_attempt
 
 

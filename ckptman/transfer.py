@@ -79,7 +79,7 @@ def write_stream(
     the upload is aborted rather than published (:meth:`Storage.write_file`).
     """
 
-    progress = FileProgress(callback)
+    progress = FileProgress(callback.relative_update)
 
     def attempt(target: IO[bytes]) -> ChecksumWriter:
         writer = ChecksumWriter(target, progress.attempt())
@@ -210,7 +210,7 @@ def download_verified(
                 raise _mismatch(storage, rel, "size", entry.size, found)
             size, actual = checksum_local_file(local_path)
         else:
-            hashed = storage.read_into(rel, _attempts_into(local_path, FileProgress(callback)), entry.size)
+            hashed = storage.read_into(rel, _attempts_into(local_path, FileProgress(callback.relative_update)), entry.size)
             size, actual = hashed.size, hashed.checksum
     except FileNotFoundError as exc:
         raise _missing(storage, rel) from exc
@@ -248,7 +248,7 @@ class Transfers:
             if batch:
 
                 def loader(i: int) -> Callable[[], bytes]:
-                    progress = FileProgress(callback)
+                    progress = FileProgress(callback.relative_update)
 
                     def load() -> bytes:  # once per attempt
                         local, _, entry_path = items[i]
@@ -281,7 +281,7 @@ class Transfers:
             if batch:
                 for local_path in (local for _, _, local in batch if local is not None):
                     os.makedirs(os.path.dirname(local_path) or ".", exist_ok=True)
-                openers = [(rel, _attempts_into(local, FileProgress(callback))) for rel, _, local in batch]
+                openers = [(rel, _attempts_into(local, FileProgress(callback.relative_update))) for rel, _, local in batch]
                 try:
                     hashed = storage.read_many_into(openers, self.max_concurrency)
                 except FileNotFoundError as exc:
