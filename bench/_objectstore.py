@@ -27,12 +27,14 @@ from typing import Any, Callable, Iterator
 from _common import BUCKET, HERE, MiB, make_state, s3_options
 from _driver import Config, Contender, Group, Row, Scratch, _version, log, manager, ratio_at_most, rm, run_interleaved
 
+from ckptman.multipart import IN_FLIGHT, PART_SIZE
 from ckptman.storage import DEFAULT_IN_FLIGHT, sized_connection_pool
 
 #: the botocore pool ckptman opens for its default max_concurrency (botocore's own default is 10)
 POOLED = sized_connection_pool("s3://bucket", {}, DEFAULT_IN_FLIGHT)["config_kwargs"]["max_pool_connections"]
 POOLED_PUT = f"  s3fs put, pool of {POOLED}"
 POOLED_GET = f"  s3fs get, pool of {POOLED}"
+BYTES_ALONE = f"  the bytes alone, {PART_SIZE // MiB} MiB parts {IN_FLIGHT} at once"
 
 
 class ChildServer:
@@ -390,12 +392,26 @@ def state_save(cfg: Config, server: Server, key: str, mib: int, repeats: int) ->
         Row("ckptman async_save, blocked", goal="<= 0.25x", check=ratio_at_most(0.25)),
         Row("  async until committed"),
         Row("  s3fs put of the bytes, serialized before"),
+        Row(BYTES_ALONE),
     ]
     state, tiny = make_state(mib, cfg.n_tensors), make_state(1, 2, seed=1)
     ck, background = OpenManager(server), OpenManager(server, async_save=True)
     serialized = Scratch(cfg.base, "serialized")
     local_copy = os.path.join(serialized.new("state"), "state.pt")
     torch.save(state, local_copy)
+    with open(local_copy, "rb") as f:
+        parts = list(iter(lambda: f.read(PART_SIZE), b""))  # the same bytes, in memory, cut as ckptman cuts them
+
+    def bytes_alone(rep: int) -> dict[str, float]:
+        prefix = server.prefix()
+        try:
+            with server.metered("bytes alone"):
+                t0 = time.perf_counter()
+                upload_parts(server.pooled, f"{prefix}/state.pt", parts, IN_FLIGHT)
+                elapsed = time.perf_counter() - t0
+            return {BYTES_ALONE: elapsed}
+        finally:
+            server.remove(prefix)
 
     def upload_only(rep: int) -> dict[str, float]:
         prefix = server.prefix()
@@ -449,12 +465,16 @@ def state_save(cfg: Config, server: Server, key: str, mib: int, repeats: int) ->
             teardown=background.close,
         ),
         Contender(["  s3fs put of the bytes, serialized before"], upload_only),
+        Contender([BYTES_ALONE], bytes_alone),
     ]
     try:
         run_interleaved(group, contenders, repeats, server.settle)
     finally:
         serialized.clean()
-    _cpu_note(group, server, ["torch.save into s3fs file", "ckptman save", "upload only"])
+    _cpu_note(group, server, ["torch.save into s3fs file", "ckptman save", "upload only", "bytes alone"])
+    saved, alone = group.row("ckptman save").median, group.row(BYTES_ALONE).median
+    if saved and alone:
+        group.notes.append(f"ckptman save took {saved / alone:.2f}x the time of '{BYTES_ALONE.strip()}'")
     group.notes.append(
         f"{cfg.n_tensors} float32 tensors; torch.save(state, f) into fs.open(path, 'wb') (s3fs's buffered file: "
         "50 MiB parts, each uploaded while serialization waits); ckptman save = mgr.save(step, state) to commit: "
@@ -462,11 +482,40 @@ def state_save(cfg: Config, server: Server, key: str, mib: int, repeats: int) ->
         "(4 at a time) while serialization goes on, then manifest, 'latest', sidecar; async_save = the same with "
         "CheckpointManager(..., async_save=True): blocked until save() returns (the host-memory snapshot), each "
         "waited for (wait_until_finished) before the next measurement; 's3fs put of the bytes' = fs.put_file of the "
-        "same state serialized to local disk beforehand (s3fs's concurrent multipart upload, 50 MiB parts): storing these "
-        "bytes with no serialization to wait for; on SeaweedFS, where the server's CPU is the limit, about the "
-        "fastest any save of them can be"
+        "same state serialized to local disk beforehand (s3fs's concurrent multipart upload, 50 MiB parts); "
+        f"'{BYTES_ALONE.strip()}' = the plainest client: the same serialized bytes, already in memory as "
+        f"{PART_SIZE // MiB} MiB parts, uploaded through s3fs's botocore client (create, {IN_FLIGHT} UploadPart "
+        "requests at a time, complete) with nothing else to do: no serialization, no hashing, no commit. No save "
+        "of this state can be faster; on SeaweedFS, where the server's CPU is the limit, it is the ceiling"
     )
     return group
+
+
+def upload_parts(fs: Any, path: str, parts: list[bytes], at_once: int) -> None:
+    """A multipart upload of bytes already cut into parts, ``at_once`` parts in flight: the S3 API and nothing else."""
+    import asyncio
+
+    from fsspec.asyn import sync
+
+    bucket, key, _ = fs.split_path(path)
+
+    async def upload() -> None:
+        upload_id = (await fs._call_s3("create_multipart_upload", Bucket=bucket, Key=key))["UploadId"]
+        gate = asyncio.Semaphore(at_once)
+
+        async def send(number: int, body: bytes) -> dict[str, Any]:
+            async with gate:
+                out = await fs._call_s3(
+                    "upload_part", Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=body
+                )
+            return {"PartNumber": number, "ETag": out["ETag"]}
+
+        done = await asyncio.gather(*(send(number, body) for number, body in enumerate(parts, start=1)))
+        await fs._call_s3(
+            "complete_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": list(done)}
+        )
+
+    sync(fs.loop, upload)
 
 
 def _check_committed(ck: OpenManager, step: int, ok: bool) -> None:
