@@ -65,6 +65,15 @@ import os
 # the emulator hangs ~60 s.
 os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
 
+import signal
+
+# A suite started in the background of a shell without job control (``cmd &``,
+# nohup) inherits SIGINT ignored, and so would every child it starts: the
+# Ctrl-C tests would fail for a reason that is not ckptman's. A handler, unlike
+# SIG_IGN, is reset to the default on exec, so children get Ctrl-C back too.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 import contextlib
 import json
 import shutil
