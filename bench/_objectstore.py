@@ -34,6 +34,7 @@ from ckptman.storage import DEFAULT_IN_FLIGHT, sized_connection_pool
 POOLED = sized_connection_pool("s3://bucket", {}, DEFAULT_IN_FLIGHT)["config_kwargs"]["max_pool_connections"]
 POOLED_PUT = f"  s3fs put, pool of {POOLED}"
 POOLED_GET = f"  s3fs get, pool of {POOLED}"
+PUT_SERIALIZED = "  s3fs put of the bytes, serialized before"
 BYTES_ALONE = f"  the bytes alone, {PART_SIZE // MiB} MiB parts {IN_FLIGHT} at once"
 
 
@@ -391,7 +392,7 @@ def state_save(cfg: Config, server: Server, key: str, mib: int, repeats: int) ->
         Row("ckptman save", goal="<= 0.75x", check=ratio_at_most(0.75)),
         Row("ckptman async_save, blocked", goal="<= 0.25x", check=ratio_at_most(0.25)),
         Row("  async until committed"),
-        Row("  s3fs put of the bytes, serialized before"),
+        Row(PUT_SERIALIZED),
         Row(BYTES_ALONE),
     ]
     state, tiny = make_state(mib, cfg.n_tensors), make_state(1, 2, seed=1)
@@ -402,27 +403,21 @@ def state_save(cfg: Config, server: Server, key: str, mib: int, repeats: int) ->
     with open(local_copy, "rb") as f:
         parts = list(iter(lambda: f.read(PART_SIZE), b""))  # the same bytes, in memory, cut as ckptman cuts them
 
-    def bytes_alone(rep: int) -> dict[str, float]:
-        prefix = server.prefix()
-        try:
-            with server.metered("bytes alone"):
-                t0 = time.perf_counter()
-                upload_parts(server.pooled, f"{prefix}/state.pt", parts, IN_FLIGHT)
-                elapsed = time.perf_counter() - t0
-            return {BYTES_ALONE: elapsed}
-        finally:
-            server.remove(prefix)
+    def timed_upload(label: str, meter: str, upload: Callable[[str], None]) -> Callable[[int], dict[str, float]]:
+        """A measurement of ``upload(path)`` storing the serialized state at a fresh path (removed afterwards, untimed)."""
 
-    def upload_only(rep: int) -> dict[str, float]:
-        prefix = server.prefix()
-        try:
-            with server.metered("upload only"):
-                t0 = time.perf_counter()
-                server.fs.put_file(local_copy, f"{prefix}/state.pt")
-                elapsed = time.perf_counter() - t0
-            return {"  s3fs put of the bytes, serialized before": elapsed}
-        finally:
-            server.remove(prefix)
+        def measure(rep: int) -> dict[str, float]:
+            prefix = server.prefix()
+            try:
+                with server.metered(meter):
+                    t0 = time.perf_counter()
+                    upload(f"{prefix}/state.pt")
+                    elapsed = time.perf_counter() - t0
+                return {label: elapsed}
+            finally:
+                server.remove(prefix)
+
+        return measure
 
     def plain(s: dict) -> dict[str, float]:
         prefix = server.prefix()
@@ -464,8 +459,8 @@ def state_save(cfg: Config, server: Server, key: str, mib: int, repeats: int) ->
             setup=lambda: (background.open(), save_async(tiny)) and None,
             teardown=background.close,
         ),
-        Contender(["  s3fs put of the bytes, serialized before"], upload_only),
-        Contender([BYTES_ALONE], bytes_alone),
+        Contender([PUT_SERIALIZED], timed_upload(PUT_SERIALIZED, "upload only", lambda path: server.fs.put_file(local_copy, path))),
+        Contender([BYTES_ALONE], timed_upload(BYTES_ALONE, "bytes alone", lambda path: upload_parts(server.pooled, path, parts, IN_FLIGHT))),
     ]
     try:
         run_interleaved(group, contenders, repeats, server.settle)
