@@ -328,52 +328,55 @@ def directory_restore(cfg: Config, server: Server, key: str) -> Group:
     src = scratch.new("src")
     write_files(src, blobs)
     server.fs.put(src + "/", plain, recursive=True)
+    names = sorted(os.listdir(src))
     ck = OpenManager(server)
 
-    def get(fs: Any, label: str) -> dict[str, float]:
-        target = scratch.new("get", create=False)
-        try:
-            t0 = time.perf_counter()
-            fs.get(plain + "/", target + "/", recursive=True)
-            elapsed = time.perf_counter() - t0
-            if len(os.listdir(target)) != count:
-                raise RuntimeError(f"s3fs get fetched {os.listdir(target)}")
-            return {label: elapsed}
-        finally:
-            rm(target)
+    def timed(label: str, fetch: Callable[[str], None]) -> Callable[[int], dict[str, float]]:
+        """A measurement of ``fetch(local_dir)`` into a new folder, its files counted, removed afterwards (untimed)."""
+
+        def measure(rep: int) -> dict[str, float]:
+            target = scratch.new("get", create=False)
+            try:
+                with server.metered(label.strip()):
+                    t0 = time.perf_counter()
+                    fetch(target)
+                    elapsed = time.perf_counter() - t0
+                if sorted(os.listdir(target)) != names:
+                    raise RuntimeError(f"{label.strip()} fetched {os.listdir(target)}")
+                return {label: elapsed}
+            finally:
+                rm(target)
+
+        return measure
 
     def setup() -> None:
         mgr = ck.open()
         with mgr.save_directory(1) as folder:
             write_files(folder, blobs)
 
-    def restore(rep: int) -> dict[str, float]:
-        target = scratch.new("restore", create=False)
-        try:
-            t0 = time.perf_counter()
-            ck.mgr.restore_directory(1, local_dir=target)
-            elapsed = time.perf_counter() - t0
-            if len(os.listdir(target)) != count:
-                raise RuntimeError(f"restore_directory fetched {os.listdir(target)}")
-            return {"ckptman restore_directory": elapsed}
-        finally:
-            rm(target)
-
     try:
         contenders = [
-            Contender(["s3fs get"], lambda rep: get(server.fs, "s3fs get")),
-            Contender(["ckptman restore_directory"], restore, setup, ck.close),
-            Contender([POOLED_GET], lambda rep: get(server.pooled, POOLED_GET)),
+            Contender(["s3fs get"], timed("s3fs get", lambda target: server.fs.get(plain + "/", target + "/", recursive=True))),
+            Contender(
+                ["ckptman restore_directory"],
+                timed("ckptman restore_directory", lambda target: ck.mgr.restore_directory(1, local_dir=target)),
+                setup,
+                ck.close,
+            ),
+            Contender([POOLED_GET], timed(POOLED_GET, lambda target: server.pooled.get(plain + "/", target + "/", recursive=True))),
         ]
         run_interleaved(group, contenders, cfg.repeats, server.settle)
     finally:
         scratch.clean()
         server.remove(plain)
+    _cpu_note(group, server, ["s3fs get", "ckptman restore_directory"])
     group.notes.append(
-        "s3fs get = fs.get(prefix, local_dir, recursive=True), unverified; ckptman = mgr.restore_directory(step, "
-        "local_dir=...), every file checked against its size and xxh3 checksum while it streams; each into a new folder; "
-        f"'{POOLED_GET.strip()}' = the same s3fs get with config_kwargs max_pool_connections={POOLED}, the pool ckptman "
-        "opens for its default max_concurrency=16 (botocore's default is 10)"
+        "s3fs get = fs.get(prefix, local_dir, recursive=True), unverified; ckptman = mgr.restore_directory(step, local_dir=...), every file checked against its size and xxh3 "
+        f"checksum while it streams; each into a new folder; '{POOLED_GET.strip()}' = the same s3fs get with "
+        f"config_kwargs max_pool_connections={POOLED}, the pool ckptman opens for its default max_concurrency="
+        f"{DEFAULT_IN_FLIGHT} (botocore's default is 10). s3fs's GETs have botocore compute the CRC32 of every "
+        "body (response_checksum_validation='when_supported', its default); ckptman's payload GETs skip it, their "
+        "bytes being checked against the manifest's xxh3 (ckptman.transport_checksum)"
     )
     return group
 

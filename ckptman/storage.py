@@ -33,7 +33,7 @@ from typing import IO, Any, Awaitable, Callable, Mapping, Sequence, TypeVar
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from ckptman import loopio, multipart, prefetch
+from ckptman import loopio, multipart, prefetch, transport_checksum
 from ckptman.conditional import CompareAndSwap, Versioned, precondition_failed, versions_for
 from ckptman.errors import (
     BucketNotFoundError,
@@ -184,16 +184,18 @@ class Storage:
             result[rel] = data
         return result
 
-    def read_into(self, rel: str, open_sink: SinkOpener[W], size: int | None = None) -> W:
+    def read_into(self, rel: str, open_sink: SinkOpener[W], size: int | None = None, *, checked_by_caller: bool = False) -> W:
         """Copy a file's bytes, in order, into a fresh sink per attempt; returns the sink of the attempt that succeeded.
 
         A transient error retries the whole read into a new sink. On async
         backends a file of unknown size or up to one range is one streamed
         GET, and a larger one (``size`` from a manifest) has ranged GETs in
         flight while the sink takes the bytes (:mod:`ckptman.prefetch`).
+        ``checked_by_caller``: the caller checks every byte against a checksum
+        of its own, so the S3 client's is skipped (:mod:`ckptman.transport_checksum`).
         """
         if self.reads_in_batch(size or 0):  # an unknown size streams too: one GET whatever it is
-            return self.read_many_into([(rel, open_sink)], 1)[0]
+            return self.read_many_into([(rel, open_sink)], 1, checked_by_caller=checked_by_caller)[0]
         path = self.path(rel)
 
         def attempt() -> W:
@@ -236,7 +238,7 @@ class Storage:
         """Whether :meth:`write_many` takes a file of ``size`` bytes (one PUT, as :meth:`write_file` would send)."""
         return size <= self._batch_put_limit
 
-    def read_many_into(self, items: Sequence[tuple[str, SinkOpener[W]]], limit: int) -> list[W]:
+    def read_many_into(self, items: Sequence[tuple[str, SinkOpener[W]]], limit: int, *, checked_by_caller: bool = False) -> list[W]:
         """:meth:`read_into` for many files (each one streamed GET), ``limit`` in flight; sinks in order.
 
         The first failure (after its retries) cancels the rest and is raised;
@@ -244,9 +246,15 @@ class Storage:
         """
 
         async def one(rel: str, open_sink: SinkOpener[W]) -> W:
+            path = self.path(rel)
+
             async def attempt() -> W:
-                with open_sink() as sink:
-                    await loopio.stream_into(self.fs, self.path(rel), sink)
+                checked: contextlib.AbstractAsyncContextManager[None] = (
+                    transport_checksum.checked_by_caller(self.fs, path) if checked_by_caller else contextlib.nullcontext()
+                )
+                async with checked:
+                    with open_sink() as sink:
+                        await loopio.stream_into(self.fs, path, sink)
                 return sink
 
             try:

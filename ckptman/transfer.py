@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import mmap
 import os
 import shutil
@@ -23,6 +24,8 @@ from ckptman.manifest import FileEntry
 from ckptman import staging
 from ckptman.progress import DEFAULT_CALLBACK, Callback, FileProgress, Progress
 from ckptman.storage import Storage, UploadStopped
+
+logger = logging.getLogger("ckptman")
 
 ALGORITHM = "xxh3_128"
 T = TypeVar("T")
@@ -121,10 +124,19 @@ def local_files(local_dir: str) -> list[str]:
     return sorted(found)
 
 
-def _mismatch(storage: Storage, rel: str, what: str, expected: object, actual: object) -> CorruptCheckpointError:
-    return CorruptCheckpointError(
-        f"{storage.url}/{rel}: {what} mismatch (expected {expected}, found {actual}); the checkpoint is corrupted"
-    )
+class ChecksumMismatch(CorruptCheckpointError):
+    """A file's bytes do not match its manifest entry (size or checksum); a missing file is not one."""
+
+    def __init__(self, where: str, detail: str) -> None:
+        super().__init__(f"{where}: {detail}; the checkpoint is corrupted")
+        self.where, self.detail = where, detail
+
+    def __reduce__(self) -> tuple[type[ChecksumMismatch], tuple[str, str]]:  # picklable, as every other error
+        return ChecksumMismatch, (self.where, self.detail)
+
+
+def _mismatch(storage: Storage, rel: str, what: str, expected: object, actual: object) -> ChecksumMismatch:
+    return ChecksumMismatch(f"{storage.url}/{rel}", f"{what} mismatch (expected {expected}, found {actual})")
 
 
 def _missing(storage: Storage, rel: str) -> CorruptCheckpointError:
@@ -197,6 +209,28 @@ def download_verified(
 ) -> None:
     """Stream a payload file to ``local_path`` (or just through the hash when None) and verify it.
 
+    A mismatch is read once more before it is raised: bytes damaged on the
+    way then come right (the S3 client's own CRC32 is skipped for these reads,
+    :mod:`ckptman.transport_checksum`), a damaged stored file mismatches again.
+    """
+    progress = FileProgress(callback.relative_update)  # the second read counts nothing again
+    try:
+        _download_checked(storage, rel, entry, local_path, progress)
+    except ChecksumMismatch as exc:
+        _read_again(storage, rel, entry, local_path, progress, exc)
+
+
+def _read_again(
+    storage: Storage, rel: str, entry: FileEntry, local_path: str | None, progress: FileProgress, first: ChecksumMismatch
+) -> None:
+    logger.warning("%s: %s on the first read; reading it once more to tell damage on the way from damage in storage", first.where, first.detail)
+    _download_checked(storage, rel, entry, local_path, progress)
+    logger.warning("%s read again matches its manifest entry: the first read was damaged on the way", first.where)
+
+
+def _download_checked(storage: Storage, rel: str, entry: FileEntry, local_path: str | None, progress: FileProgress) -> None:
+    """One read of a payload file, checked against its entry.
+
     A large file bound for a local path may arrive out of order (concurrent
     ranges, :meth:`Storage.download_ranges`); it is hashed once complete,
     from the page cache.
@@ -205,12 +239,12 @@ def download_verified(
         os.makedirs(os.path.dirname(local_path) or ".", exist_ok=True)
     try:
         if local_path is not None and storage.downloads_in_ranges(entry.size):
-            found = storage.download_ranges(rel, local_path, entry.size, callback.relative_update)
+            found = storage.download_ranges(rel, local_path, entry.size, progress.attempt().relative_update)
             if found != entry.size:
                 raise _mismatch(storage, rel, "size", entry.size, found)
             size, actual = checksum_local_file(local_path)
         else:
-            hashed = storage.read_into(rel, _attempts_into(local_path, FileProgress(callback.relative_update)), entry.size)
+            hashed = storage.read_into(rel, _attempts_into(local_path, progress), entry.size, checked_by_caller=True)
             size, actual = hashed.size, hashed.checksum
     except FileNotFoundError as exc:
         raise _missing(storage, rel) from exc
@@ -281,13 +315,17 @@ class Transfers:
             if batch:
                 for local_path in (local for _, _, local in batch if local is not None):
                     os.makedirs(os.path.dirname(local_path) or ".", exist_ok=True)
-                openers = [(rel, _attempts_into(local, FileProgress(callback.relative_update))) for rel, _, local in batch]
+                progresses = [FileProgress(callback.relative_update) for _ in batch]
+                openers = [(rel, _attempts_into(local, progress)) for (rel, _, local), progress in zip(batch, progresses)]
                 try:
-                    hashed = storage.read_many_into(openers, self.max_concurrency)
+                    hashed = storage.read_many_into(openers, self.max_concurrency, checked_by_caller=True)
                 except FileNotFoundError as exc:
                     raise _missing(storage, exc.filename) from exc
-                for (rel, entry, _), result in zip(batch, hashed):
-                    _check(storage, rel, entry, result.size, result.checksum)
+                for (rel, entry, local), result, progress in zip(batch, hashed, progresses):
+                    try:
+                        _check(storage, rel, entry, result.size, result.checksum)
+                    except ChecksumMismatch as exc:
+                        _read_again(storage, rel, entry, local, progress, exc)
             self.run_each(lambda item: download_verified(storage, *item, callback), rest)
 
     def run_each(self, work: Callable[[T], R], items: Sequence[T], stop: threading.Event | None = None) -> list[R]:

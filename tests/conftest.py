@@ -346,6 +346,20 @@ def sigint_once(condition: Callable[[], bool], timeout: float = 60.0) -> Iterato
         thread.join()
 
 
+def write_tree(folder: str | os.PathLike[str], files: dict[str, bytes]) -> None:
+    """Write ``{relative path: bytes}`` under ``folder`` (a directory checkpoint's files)."""
+    for rel, data in files.items():
+        path = Path(folder, rel)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+
+
+def read_tree(folder: str | os.PathLike[str]) -> dict[str, bytes]:
+    """``{relative path: bytes}`` of every file under ``folder``: what :func:`write_tree` wrote, to compare."""
+    root = Path(folder)
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
 def make_backend(
     name: str,
     tmp_path: Path | None,

@@ -30,6 +30,10 @@ Fault kinds (``FAULTS``)
                  body is empty or its length is unknown), wait 0.2 s (so the
                  client has read it), then RST. The classic "did my PUT
                  happen?" ambiguity.
+``"flip"``       forward the request and relay the whole response, with the
+                 first byte of its body inverted (bodies framed by
+                 ``Content-Length``; others pass unchanged): bytes damaged on
+                 the way, past every TCP checksum.
 ``"stall"``      read the whole request (sending ``100 Continue`` if asked),
                  then answer nothing for ``stall_seconds`` (default 10 s; cut
                  short when the client hangs up or on ``stop()``), then RST.
@@ -84,7 +88,7 @@ from typing import Callable, Iterable, Mapping
 
 __all__ = ["FAULTS", "NetProxy", "ProxyStats", "RequestRecord", "match"]
 
-FAULTS = ("500", "503", "reset", "reset_mid", "stall")
+FAULTS = ("500", "503", "reset", "reset_mid", "flip", "stall")
 
 Predicate = Callable[[str, str, Mapping[str, str]], bool]
 
@@ -318,10 +322,12 @@ def _relay_body(
     dst: _Stream | None,
     headers: list[tuple[str, str]],
     budget: int | None = None,
+    flip: bool = False,
 ) -> None:
     """Relay one message body framed by ``headers`` (Content-Length or chunked)
     from ``src`` to ``dst`` (``None``: discard). With ``budget``, stop after
-    sending that many body bytes and raise ``_Cut``."""
+    sending that many body bytes and raise ``_Cut``. With ``flip``, invert the
+    first byte of a Content-Length body."""
     sent = 0
 
     def out(data: bytes) -> None:
@@ -362,6 +368,8 @@ def _relay_body(
     while remaining > 0:
         data = src.read_some(min(remaining, _CHUNK))
         remaining -= len(data)
+        if flip and data:
+            data, flip = bytes([data[0] ^ 0xFF]) + data[1:], False
         out(data)
 
 
@@ -816,7 +824,7 @@ class NetProxy:
                         cs.send(data)
                     break
                 if not no_body:
-                    _relay_body(up_stream, cs, rheaders)
+                    _relay_body(up_stream, cs, rheaders, flip=fault == "flip")
                 if up_close:
                     self._untrack(upstream)
                     _close(upstream)

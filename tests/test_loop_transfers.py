@@ -22,7 +22,7 @@ from typing import Any
 import fsspec
 import pytest
 import torch
-from conftest import Backend, sigint_once
+from conftest import Backend, read_tree, sigint_once, write_tree
 from netproxy import match
 
 from ckptman import CheckpointManager, CorruptCheckpointError, RetryPolicy, loopio
@@ -48,18 +48,6 @@ def remote(request: pytest.FixtureRequest) -> Backend:
 
 def blobs(count: int, size: int = SMALL) -> dict[str, bytes]:
     return {f"part/{i:03d}.bin": os.urandom(size) for i in range(count)}
-
-
-def write_tree(folder: str, files: dict[str, bytes]) -> None:
-    for rel, data in files.items():
-        path = Path(folder, rel)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
-
-
-def read_tree(folder: str) -> dict[str, bytes]:
-    root = Path(folder)
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def stored_path(backend: Backend, mgr: CheckpointManager, step: int, rel: str) -> tuple[Any, str]:
