@@ -129,6 +129,13 @@ class Server:
         used = after.user - client.user + after.system - client.system
         self.cpu.setdefault(label, []).append((used, self.weed.ask("cpu")["cpu"] - server))
 
+    def timed(self, meter: str, call: Callable[[], object]) -> float:
+        """Seconds ``call()`` took, its client and server CPU recorded under ``meter`` (:meth:`metered`)."""
+        with self.metered(meter):
+            t0 = time.perf_counter()
+            call()
+            return time.perf_counter() - t0
+
     def settle(self, idle_share: float = 0.05, window: float = 0.25, longest: float = 20.0) -> None:
         """Wait (untimed) until SeaweedFS uses under ``idle_share`` of a core: the deletes and volume
         housekeeping one measurement leaves must not run into the next. No-op on moto (no meter)."""
@@ -243,10 +250,7 @@ def directory_upload(cfg: Config, server: Server, key: str, count: int, size: in
         timing: dict[str, float] = {}
 
         def call() -> None:
-            with server.metered(label if len(data) > 1 else "warm-up"):
-                t0 = time.perf_counter()
-                fs.put(src + "/", prefix, recursive=True)
-                timing[label] = time.perf_counter() - t0
+            timing[label] = server.timed(label if len(data) > 1 else "warm-up", lambda: fs.put(src + "/", prefix, recursive=True))
 
         try:
             counted(label, call) if len(data) > 1 else call()
@@ -337,10 +341,7 @@ def directory_restore(cfg: Config, server: Server, key: str) -> Group:
         def measure(rep: int) -> dict[str, float]:
             target = scratch.new("get", create=False)
             try:
-                with server.metered(label.strip()):
-                    t0 = time.perf_counter()
-                    fetch(target)
-                    elapsed = time.perf_counter() - t0
+                elapsed = server.timed(label.strip(), lambda: fetch(target))
                 if sorted(os.listdir(target)) != names:
                     raise RuntimeError(f"{label.strip()} fetched {os.listdir(target)}")
                 return {label: elapsed}
@@ -371,8 +372,9 @@ def directory_restore(cfg: Config, server: Server, key: str) -> Group:
         server.remove(plain)
     _cpu_note(group, server, ["s3fs get", "ckptman restore_directory"])
     group.notes.append(
-        "s3fs get = fs.get(prefix, local_dir, recursive=True), unverified; ckptman = mgr.restore_directory(step, local_dir=...), every file checked against its size and xxh3 "
-        f"checksum while it streams; each into a new folder; '{POOLED_GET.strip()}' = the same s3fs get with "
+        "s3fs get = fs.get(prefix, local_dir, recursive=True), unverified; ckptman = mgr.restore_directory(step, "
+        "local_dir=...), every file checked against its size and xxh3 checksum while it streams; each into a new "
+        f"folder; '{POOLED_GET.strip()}' = the same s3fs get with "
         f"config_kwargs max_pool_connections={POOLED}, the pool ckptman opens for its default max_concurrency="
         f"{DEFAULT_IN_FLIGHT} (botocore's default is 10). s3fs's GETs have botocore compute the CRC32 of every "
         "body (response_checksum_validation='when_supported', its default); ckptman's payload GETs skip it, their "
@@ -412,11 +414,7 @@ def state_save(cfg: Config, server: Server, key: str, mib: int, repeats: int) ->
         def measure(rep: int) -> dict[str, float]:
             prefix = server.prefix()
             try:
-                with server.metered(meter):
-                    t0 = time.perf_counter()
-                    upload(f"{prefix}/state.pt")
-                    elapsed = time.perf_counter() - t0
-                return {label: elapsed}
+                return {label: server.timed(meter, lambda: upload(f"{prefix}/state.pt"))}
             finally:
                 server.remove(prefix)
 
@@ -424,23 +422,21 @@ def state_save(cfg: Config, server: Server, key: str, mib: int, repeats: int) ->
 
     def plain(s: dict) -> dict[str, float]:
         prefix = server.prefix()
+
+        def write() -> None:
+            with server.fs.open(f"{prefix}/state.pt", "wb") as f:
+                torch.save(s, f)
+
         try:
-            with server.metered("torch.save into s3fs file" if s is state else "warm-up"):
-                t0 = time.perf_counter()
-                with server.fs.open(f"{prefix}/state.pt", "wb") as f:
-                    torch.save(s, f)
-                elapsed = time.perf_counter() - t0
-            return {"torch.save into s3fs file": elapsed}
+            return {"torch.save into s3fs file": server.timed("torch.save into s3fs file" if s is state else "warm-up", write)}
         finally:
             server.remove(prefix)
 
     def save(s: dict) -> dict[str, float]:
         step = ck.next_step()
-        with server.metered("ckptman save" if s is state else "warm-up"):
-            t0 = time.perf_counter()
-            ok = ck.mgr.save(step, s, force=True)
-            elapsed = time.perf_counter() - t0
-        _check_committed(ck, step, ok)
+        saved: list[bool] = []
+        elapsed = server.timed("ckptman save" if s is state else "warm-up", lambda: saved.append(ck.mgr.save(step, s, force=True)))
+        _check_committed(ck, step, saved[0])
         return {"ckptman save": elapsed}
 
     def save_async(s: dict) -> dict[str, float]:
